@@ -1,0 +1,5 @@
+import sys
+
+from fastinfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The one error tree of fastinfer.
+
+Errors a client can cause or see carry a stable ``code`` and the HTTP ``status`` to answer with;
+the binary protocol uses the same codes.
+"""
+
+from __future__ import annotations
+
+
+class FastInferError(Exception):
+    """Root of every error fastinfer raises on purpose."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class BadRequest(FastInferError):
+    """The request itself is wrong: the client must change it."""
+
+    code = "bad_request"
+    status = 400
+
+
+class BadImage(BadRequest):
+    """The body is not an image Pillow can decode, or it is truncated."""
+
+    code = "bad_image"
+
+
+class ImageTooLarge(BadRequest):
+    """The image has more pixels than the decompression-bomb limit allows."""
+
+    code = "image_too_large"
+
+
+class PayloadTooLarge(FastInferError):
+    """The body does not fit the configured limit."""
+
+    code = "payload_too_large"
+    status = 413
+
+
+class ModelNotFound(FastInferError):
+    """No model of that name is served."""
+
+    code = "model_not_found"
+    status = 404
+
+
+class ModelNotReady(FastInferError):
+    """The model exists but no worker of it is warm yet (or any more)."""
+
+    code = "model_not_ready"
+    status = 503
+
+
+class WorkerDied(FastInferError):
+    """The worker running the request died before answering."""
+
+    code = "worker_died"
+    status = 502
+
+
+class ModelLoadError(FastInferError):
+    """A model could not be read, converted or compiled."""
+
+    code = "model_load_error"
+    status = 500
+
+
+class UnsafePickle(ModelLoadError):
+    """A weights file asked to run code we do not allow."""
+
+    code = "unsafe_pickle"

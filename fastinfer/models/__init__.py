@@ -1,0 +1,1 @@
+"""Built-in models: weights readers and graph builders for models fastinfer ships by default."""

@@ -1,0 +1,3 @@
+from fastinfer.worker.process import main
+
+main()
