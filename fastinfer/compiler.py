@@ -69,7 +69,7 @@ def _output_specs(model, relax_main) -> tuple[TensorSpec, ...]:
     infos = list(info.fields) if isinstance(info, relax.TupleType) else [info]
     names = [value.name for value in model.graph.output]
     specs = []
-    for name, tensor in zip(names, infos):
+    for name, tensor in zip(names, infos, strict=True):
         shape = tuple(int(d) for d in tensor.shape.values)
         specs.append(TensorSpec(name, str(tensor.dtype), shape))
     return tuple(specs)

@@ -48,12 +48,10 @@ def load_rgb(data: bytes | memoryview, spec: ImagePreprocess):  # -> PIL.Image.I
     if len(data) == 0:
         raise BadImage("the body is empty; send the encoded image bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > spec.max_pixels:
-            raise ImageTooLarge(
-                f"image is {width}x{height} = {width * height} pixels; the limit is {spec.max_pixels}"
-            )
+            raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {spec.max_pixels}")
         image.draft("RGB", (spec.resize_shorter, spec.resize_shorter))
         image = image.convert("RGB")
         scale = spec.resize_shorter / min(image.size)

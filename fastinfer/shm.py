@@ -8,6 +8,7 @@ resource tracker unlinks it should the front die without closing.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from multiprocessing import shared_memory
@@ -59,17 +60,15 @@ class SlotPool:
     def view(self, slot: int) -> memoryview:
         assert self._shm is not None, "create() first"
         start = slot * self.slot_bytes
-        return self._shm.buf[start : start + self.slot_bytes]
+        return self._shm.buf[start : start + self.slot_bytes]  # type: ignore[index]
 
     def close(self) -> None:
         """Unmap and unlink the segment. Views handed out must be released first."""
         if self._shm is None:
             return
         shm, self._shm = self._shm, None
-        try:
+        with contextlib.suppress(BufferError):  # a view is still alive; the unlink still frees the memory later
             shm.close()
-        except BufferError:
-            pass  # a view is still alive; unlinking below still frees the memory once it goes
         shm.unlink()
 
 

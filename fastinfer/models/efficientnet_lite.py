@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +36,7 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def fold_batch_norm(
-    weights: dict[str, np.ndarray], conv: str, bn: str
-) -> tuple[np.ndarray, np.ndarray]:
+def fold_batch_norm(weights: dict[str, np.ndarray], conv: str, bn: str) -> tuple[np.ndarray, np.ndarray]:
     """Convolution weight and bias with the batch norm after it folded in."""
     scale = weights[f"{bn}.weight"] / np.sqrt(weights[f"{bn}.running_var"] + BN_EPSILON)
     weight = weights[f"{conv}.weight"] * scale[:, None, None, None]
@@ -62,14 +61,16 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def node(self, op: str, inputs: list[str], **attrs: object) -> str:
+    def node(self, op: str, inputs: list[str], **attrs: Any) -> str:
         from onnx import helper
 
         out = self.name(op.lower())
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
-    def conv_bn(self, x: str, size: int, weight: np.ndarray, bias: np.ndarray, stride: int, groups: int = 1) -> tuple[str, int]:
+    def conv_bn(
+        self, x: str, size: int, weight: np.ndarray, bias: np.ndarray, stride: int, groups: int = 1
+    ) -> tuple[str, int]:
         kernel = weight.shape[-1]
         before, after = same_padding(size, kernel, stride)
         out = self.node(

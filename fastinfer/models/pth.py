@@ -24,7 +24,7 @@ from fastinfer.errors import ModelLoadError, UnsafePickle
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
-STORAGE_DTYPES = {
+STORAGE_DTYPES: dict[str, np.dtype] = {
     "FloatStorage": np.dtype("<f4"),
     "DoubleStorage": np.dtype("<f8"),
     "HalfStorage": np.dtype("<f2"),
@@ -73,7 +73,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> str:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise UnsafePickle(f"unexpected persistent id {pid!r}")
-        _, storage_type, key, _location, numel = pid[:5]
+        _, storage_type, key, _location, _numel = pid[:5]
         if not isinstance(storage_type, _StorageType) or not isinstance(key, str):
             raise UnsafePickle(f"unexpected storage reference {pid!r}")
         self._storages[key] = storage_type.dtype
@@ -116,7 +116,7 @@ def load_legacy_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def _materialize(ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.ndarray:
     storage = storages[ref.storage_key]
-    end = ref.offset + 1 + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+    end = ref.offset + 1 + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
     if ref.offset < 0 or any(s < 0 for s in ref.stride) or (all(ref.size) and end > storage.size):
         raise ModelLoadError(f"tensor view runs past its storage {ref.storage_key}")
     item = storage.itemsize

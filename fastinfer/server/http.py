@@ -10,7 +10,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
@@ -31,7 +31,9 @@ def json_error(status: int, code: str, message: str, headers: dict[str, str] | N
 
 
 @web.middleware
-async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Every error, ours or aiohttp's, leaves as ``{"code", "message"}`` with its HTTP status."""
     try:
         return await handler(request)
@@ -66,9 +68,9 @@ async def read_body_into(request: web.Request, view: memoryview, limit: int) -> 
         raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
-        async for part in reader:
-            if getattr(part, "name", None) in IMAGE_FIELDS:
-                return await _copy_stream(part.read_chunk, view, limit)  # type: ignore[union-attr]
+        while (part := await reader.next()) is not None:
+            if isinstance(part, BodyPartReader) and part.name in IMAGE_FIELDS:
+                return await _copy_stream(part.read_chunk, view, limit)
             await part.release()
         raise BadRequest(f"the form has no field named {' or '.join(IMAGE_FIELDS)}")
     return await _copy_stream(request.content.readany, view, limit)
@@ -102,7 +104,10 @@ class InferenceRoutes:
                 raise FastInferError(reply["message"], code=reply["code"], status=reply["status"])
             if "classes" in reply:
                 return web.json_response(reply["classes"])
-            return web.Response(body=json.dumps({"model_name": model, "outputs": _outputs_json(reply, view)}), content_type="application/json")
+            return web.Response(
+                body=json.dumps({"model_name": model, "outputs": _outputs_json(reply, view)}),
+                content_type="application/json",
+            )
         finally:
             view.release()
             worker.release_slot(slot)

@@ -66,7 +66,7 @@ class WorkerHandle:
         self._writer.write(encode({**self._init, "index": self.index, "cores": self.cores}))
         try:
             message = await asyncio.wait_for(self._read(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.kill()
             raise ModelLoadError(f"worker {self.index} was not warm within {timeout_s:.0f} s") from None
         if message is None or message["op"] != "ready":
@@ -128,10 +128,12 @@ class WorkerHandle:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (future, slot)
         self._held_by_worker.add(slot)
-        self._writer.write(encode({"op": "infer", "id": request_id, "model": model, "kind": kind, "slot": slot, "nbytes": nbytes}))
+        self._writer.write(
+            encode({"op": "infer", "id": request_id, "model": model, "kind": kind, "slot": slot, "nbytes": nbytes})
+        )
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RequestTimeout(f"no answer from the worker within {timeout_s:.0f} s") from None
 
     async def wait_exit(self) -> int | None:
@@ -157,7 +159,7 @@ class WorkerHandle:
             self._writer.write(encode({"op": "stop"}))
         try:
             await asyncio.wait_for(self._process.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.kill()
             await self._process.wait()
         if self._reader_task is not None:

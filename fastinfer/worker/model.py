@@ -42,7 +42,7 @@ class LoadedModel:
     def infer(self, kind: str, slot: memoryview, nbytes: int) -> dict:
         """Run one request whose payload is ``slot[:nbytes]``; write outputs into ``slot``; return the reply."""
         if kind == "image":
-            if self._image_batch is None:
+            if self._image_batch is None or self.signature.preprocess is None:
                 raise BadRequest(f"model {self.signature.name} takes tensors, not images")
             preprocess_into(slot[:nbytes], self.signature.preprocess, self._image_batch[0])
             inputs = [self._image_batch]
@@ -56,24 +56,35 @@ class LoadedModel:
 
     def _tensor_input(self, slot: memoryview, nbytes: int) -> np.ndarray:
         if len(self.signature.inputs) != 1:
-            raise BadRequest(f"model {self.signature.name} has {len(self.signature.inputs)} inputs; a raw body feeds one")
+            raise BadRequest(
+                f"model {self.signature.name} has {len(self.signature.inputs)} inputs; a raw body feeds one"
+            )
         spec = self.signature.inputs[0]
         if nbytes != spec.nbytes:
             raise BadRequest(
                 f"input {spec.name!r} is {spec.dtype} {list(spec.shape)}, {spec.nbytes} bytes; the body has {nbytes}"
             )
-        return np.frombuffer(slot, dtype=np.dtype(spec.dtype).newbyteorder("<"), count=int(np.prod(spec.shape))).reshape(spec.shape)
+        return np.frombuffer(
+            slot, dtype=np.dtype(spec.dtype).newbyteorder("<"), count=int(np.prod(spec.shape))
+        ).reshape(spec.shape)
 
     def _write_outputs(self, outputs: list[np.ndarray], slot: memoryview) -> list[dict]:
         described = []
         offset = 0
-        for spec, array in zip(self.signature.outputs, outputs):
+        for spec, array in zip(self.signature.outputs, outputs, strict=True):
             array = np.ascontiguousarray(array, dtype=np.dtype(array.dtype).newbyteorder("<"))
             if offset + array.nbytes > len(slot):
                 raise FastInferError(f"outputs of {self.signature.name} do not fit one shared-memory slot")
-            slot[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
+            target = np.frombuffer(slot, array.dtype, count=array.size, offset=offset)
+            target[:] = array.reshape(-1)
             described.append(
-                {"name": spec.name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset, "nbytes": array.nbytes}
+                {
+                    "name": spec.name,
+                    "dtype": array.dtype.name,
+                    "shape": list(array.shape),
+                    "offset": offset,
+                    "nbytes": array.nbytes,
+                }
             )
             offset = round_up(offset + array.nbytes)
         return described

@@ -8,6 +8,7 @@ exits when the front closes the channel or dies.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -25,10 +26,8 @@ PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the closed channel still ends the worker
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the closed channel still ends the worker
 
 
 def _own_cores(cores: list[int]) -> None:
@@ -41,7 +40,9 @@ def serve(channel: BlockingChannel) -> int:
     init = channel.recv()
     if init is None:
         return 0
-    logging.basicConfig(level=init["log_level"].upper(), format=f"%(asctime)s worker[{init['index']}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=init["log_level"].upper(), format=f"%(asctime)s worker[{init['index']}] %(levelname)s %(message)s"
+    )
     _own_cores(init["cores"])
 
     from fastinfer.worker.model import load_model  # imports numpy; TVM comes later, after pinning
@@ -75,10 +76,14 @@ def serve(channel: BlockingChannel) -> int:
             reply = model.infer(message["kind"], slots.view(message["slot"]), message["nbytes"])
             channel.send({"op": "result", "id": request_id, **reply})
         except FastInferError as error:
-            channel.send({"op": "error", "id": request_id, "code": error.code, "status": error.status, "message": error.message})
+            channel.send(
+                {"op": "error", "id": request_id, "code": error.code, "status": error.status, "message": error.message}
+            )
         except Exception as error:  # a bug or a TVM failure must not take the worker down
             log.exception("request %s failed", request_id)
-            channel.send({"op": "error", "id": request_id, "code": "internal_error", "status": 500, "message": str(error)})
+            channel.send(
+                {"op": "error", "id": request_id, "code": "internal_error", "status": 500, "message": str(error)}
+            )
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ class Runtime(Protocol):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    def load(self) -> None: ...
+
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
 
 
@@ -50,8 +52,8 @@ class EchoRuntime:
     """
 
     def __init__(self, dtype: str, count: int, delay_s: float = 0.0):
-        self.inputs = (TensorSpec("input", dtype, (1, count)),)
-        self.outputs = (TensorSpec("output", dtype, (1, count)),)
+        self.inputs: tuple[TensorSpec, ...] = (TensorSpec("input", dtype, (1, count)),)
+        self.outputs: tuple[TensorSpec, ...] = (TensorSpec("output", dtype, (1, count)),)
         self.delay_s = delay_s
 
     @classmethod

@@ -1,0 +1,33 @@
+"""Shared fixtures: both event loops, a compiled-model cache shared by the session, test photos."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import uvloop
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Every async test runs on plain asyncio and on uvloop."""
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One compiled-model cache for the whole session, so each model compiles once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def photos() -> Path:
+    """scikit-image's sample photos: chelsea.png is a cat, coffee.png an espresso."""
+    import skimage
+
+    return Path(os.path.dirname(skimage.__file__)) / "data"
+
+
+def fastinfer_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("fastinfer-")}
