@@ -42,11 +42,24 @@ class Config:
     binary_port: int = field(default=8090, metadata={"help": "binary-protocol port"})
     cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "compiled-model cache"})
     shm_slot_bytes: int = field(default=16 << 20, metadata={"help": "bytes of one shared-memory slot"})
-    shm_slots_per_worker: int = field(default=16, metadata={"help": "requests one worker can hold at once"})
+    shm_slots_per_worker: int = field(
+        default=32, metadata={"help": "shared-memory slots per worker (a batch takes one, an image one more)"}
+    )
+    batch_max_size: int = field(default=8, metadata={"help": "most requests one batch holds"})
+    batch_max_delay_s: float = field(
+        default=0.0, metadata={"help": "longest a partial batch waits for more when a worker is free (0: none)"}
+    )
+    queue_max_size: int = field(default=256, metadata={"help": "requests waiting per model before 503"})
     max_body_bytes: int = field(default=16 << 20, metadata={"help": "largest request body accepted"})
     max_image_pixels: int = field(default=40_000_000, metadata={"help": "decompression-bomb limit"})
     worker_start_timeout_s: float = field(default=600.0, metadata={"help": "compile + load + warm-up limit"})
-    request_timeout_s: float = field(default=60.0, metadata={"help": "longest a request may wait for a worker"})
+    request_timeout_s: float = field(
+        default=60.0, metadata={"help": "default deadline of a request (X-Deadline-Ms / deadline_ms override it)"}
+    )
+    worker_heartbeat_s: float = field(default=1.0, metadata={"help": "worker heartbeat period"})
+    batch_timeout_s: float = field(default=120.0, metadata={"help": "a worker holding a batch longer is hung"})
+    restart_max_count: int = field(default=5, metadata={"help": "restarts within restart_window_s before giving up"})
+    restart_window_s: float = field(default=60.0, metadata={"help": "window of restart_max_count"})
     shutdown_timeout_s: float = field(default=10.0, metadata={"help": "time in-flight requests get to finish"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 

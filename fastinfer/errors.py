@@ -24,6 +24,11 @@ class FastInferError(Exception):
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> FastInferError:
+        """The error a worker reported, as ``{"code", "status", "message"}``."""
+        return cls(data["message"], code=data["code"], status=data.get("status", 500))
+
 
 class BadRequest(FastInferError):
     """The request itself is wrong: the client must change it."""
@@ -83,3 +88,17 @@ class UnsafePickle(ModelLoadError):
     """A weights file asked to run code we do not allow."""
 
     code = "unsafe_pickle"
+
+
+class Overloaded(FastInferError):
+    """The model's queue or shared memory is full: retry later (HTTP adds Retry-After)."""
+
+    code = "overloaded"
+    status = 503
+
+
+class DeadlineExceeded(FastInferError):
+    """The request's deadline passed before its result was ready."""
+
+    code = "deadline_exceeded"
+    status = 504

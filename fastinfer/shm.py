@@ -9,6 +9,7 @@ resource tracker unlinks it should the front die without closing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import mmap
 import os
 from multiprocessing import shared_memory
@@ -67,8 +68,12 @@ class SlotPool:
         if self._shm is None:
             return
         shm, self._shm = self._shm, None
-        with contextlib.suppress(BufferError):  # a view is still alive; the unlink still frees the memory later
+        try:
             shm.close()
+        except BufferError:
+            gc.collect()  # views caught in reference cycles
+            with contextlib.suppress(BufferError):  # still alive: unmapped when the last view goes
+                shm.close()
         shm.unlink()
 
 

@@ -1,18 +1,24 @@
-"""What a model takes and gives: tensor specs, preprocessing and postprocessing, as plain data."""
+"""What a model takes and gives, as plain data shared by the front and the workers.
+
+Shapes are per sample: every served model batches along a leading axis that the specs leave out.
+A batch travels in one shared-memory slot laid out by ``BatchLayout``: each input's rows, then each
+output's rows, every region 64-byte aligned so the worker can hand it to TVM without a copy.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fastinfer.preprocess import ImagePreprocess
+from fastinfer.shm import round_up
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One named tensor of one sample or batch: numpy dtype name and shape."""
+    """One named tensor of one sample: numpy dtype name and shape without the batch axis."""
 
     name: str
     dtype: str
@@ -32,17 +38,34 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """A served model as the front sees it. Shapes include the batch dimension."""
+    """A served model as the front sees it.
+
+    ``batch_sizes`` lists the batch sizes the compiled code accepts; None means any size (a
+    symbolic batch axis). Other sizes are padded up to the next compiled one.
+    """
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     preprocess: ImagePreprocess | None = None
     top_k: int = 0
+    batch_sizes: tuple[int, ...] | None = None
 
     @property
     def takes_images(self) -> bool:
         return self.preprocess is not None
+
+    def max_batch(self, limit: int) -> int:
+        """Most requests one batch may hold, given the configured ``limit``."""
+        if self.batch_sizes is None:
+            return limit
+        return max(1, min(limit, max(self.batch_sizes)))
+
+    def padded(self, rows: int) -> int:
+        """The batch size the compiled code runs for ``rows`` requests."""
+        if self.batch_sizes is None:
+            return rows
+        return min((size for size in self.batch_sizes if size >= rows), default=max(self.batch_sizes))
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +74,7 @@ class ModelSignature:
             "outputs": [t.to_dict() for t in self.outputs],
             "preprocess": self.preprocess.to_dict() if self.preprocess else None,
             "top_k": self.top_k,
+            "batch_sizes": list(self.batch_sizes) if self.batch_sizes else None,
         }
 
     @classmethod
@@ -65,10 +89,65 @@ class ModelSignature:
                 std=tuple(pre["std"]),
                 layout=pre["layout"],
             )
+        sizes = data.get("batch_sizes")
         return cls(
             name=data["name"],
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
             preprocess=preprocess,
             top_k=data.get("top_k", 0),
+            batch_sizes=tuple(sizes) if sizes else None,
         )
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where each input's and each output's rows sit in a slot, for batches of up to ``rows``."""
+
+    signature: ModelSignature
+    rows: int
+    input_offsets: tuple[int, ...] = field(init=False)
+    output_offsets: tuple[int, ...] = field(init=False)
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        offset = 0
+        offsets = []
+        for spec in (*self.signature.inputs, *self.signature.outputs):
+            offsets.append(offset)
+            offset = round_up(offset + self.rows * spec.nbytes)
+        count = len(self.signature.inputs)
+        object.__setattr__(self, "input_offsets", tuple(offsets[:count]))
+        object.__setattr__(self, "output_offsets", tuple(offsets[count:]))
+        object.__setattr__(self, "nbytes", offset)
+
+    @classmethod
+    def for_slot(cls, signature: ModelSignature, batch_limit: int, slot_bytes: int) -> BatchLayout:
+        """The layout for the largest batch (up to ``batch_limit``) whose padded size fits a slot."""
+        for rows in range(signature.max_batch(batch_limit), 0, -1):
+            layout = cls(signature, signature.padded(rows))
+            if layout.nbytes <= slot_bytes:
+                return layout
+        raise ValueError(f"one sample of {signature.name} does not fit a {slot_bytes}-byte slot")
+
+    @property
+    def max_batch(self) -> int:
+        """Requests per batch: padding must still fit the rows laid out."""
+        return max(r for r in range(1, self.rows + 1) if self.signature.padded(r) <= self.rows)
+
+    def input_array(self, slot: memoryview, index: int, rows: int) -> np.ndarray:
+        return self._array(slot, self.signature.inputs[index], self.input_offsets[index], rows)
+
+    def output_array(self, slot: memoryview, index: int, rows: int) -> np.ndarray:
+        return self._array(slot, self.signature.outputs[index], self.output_offsets[index], rows)
+
+    def input_row(self, slot: memoryview, index: int, row: int) -> memoryview:
+        spec = self.signature.inputs[index]
+        start = self.input_offsets[index] + row * spec.nbytes
+        return slot[start : start + spec.nbytes]
+
+    @staticmethod
+    def _array(slot: memoryview, spec: TensorSpec, offset: int, rows: int) -> np.ndarray:
+        dtype = np.dtype(spec.dtype).newbyteorder("<")
+        count = rows * math.prod(spec.shape)
+        return np.frombuffer(slot, dtype, count=count, offset=offset).reshape((rows, *spec.shape))

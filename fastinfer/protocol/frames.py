@@ -78,6 +78,7 @@ ERROR_STATUS: dict[str, int] = {
     "model_not_ready": 503,
     "overloaded": 503,
     "timeout": 504,
+    "deadline_exceeded": 504,
     "unsupported_version": 505,
 }
 

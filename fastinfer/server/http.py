@@ -1,29 +1,24 @@
-"""The HTTP apps: inference (``/predictions``, ``/ping``) and management (``/models``).
+"""The HTTP apps: inference (``/predictions``, ``/ping``) and management (``/models``, ``/metrics``).
 
-Handlers parse and copy bytes only: a body goes chunk by chunk straight into a worker's
-shared-memory slot, and everything heavier (decoding, numpy math) happens in the worker.
+Handlers parse and copy bytes only: a body goes chunk by chunk straight into its row of a batch
+in shared memory, and everything heavier (decoding, numpy math) happens in the worker.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
-import numpy as np
 from aiohttp import BodyPartReader, web
 
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
-from fastinfer.shm import SlotsExhausted
 from fastinfer.supervisor import Supervisor
 
 IMAGE_FIELDS = ("data", "input0")
 RETRY_AFTER_S = 1
-
-
-class Overloaded(FastInferError):
-    code = "overloaded"
-    status = 503
+DEADLINE_HEADER = "X-Deadline-Ms"
 
 
 def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -52,74 +47,108 @@ async def errors_as_json(
         return json_error(error.status, code, message, {k: v for k, v in error.headers.items() if k == "Allow"})
 
 
-async def _copy_stream(read_chunk: Callable[[], Awaitable[bytes]], view: memoryview, limit: int) -> int:
+async def _copy_stream(
+    read_chunk: Callable[[], Awaitable[bytes]], view: memoryview, too_long: Callable[[], FastInferError]
+) -> int:
     received = 0
     while chunk := await read_chunk():
-        if received + len(chunk) > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        if received + len(chunk) > len(view):
+            raise too_long()
         view[received : received + len(chunk)] = chunk
         received += len(chunk)
     return received
 
 
-async def read_body_into(request: web.Request, view: memoryview, limit: int) -> int:
+async def read_body_into(request: web.Request, view: memoryview, too_long: Callable[[], FastInferError]) -> int:
     """Copy the payload (raw body, or the ``data``/``input0`` field of a form) into ``view``."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
             if isinstance(part, BodyPartReader) and part.name in IMAGE_FIELDS:
-                return await _copy_stream(part.read_chunk, view, limit)
+                return await _copy_stream(part.read_chunk, view, too_long)
             await part.release()
         raise BadRequest(f"the form has no field named {' or '.join(IMAGE_FIELDS)}")
-    return await _copy_stream(request.content.readany, view, limit)
+    if request.content_length is not None and request.content_length > len(view):
+        raise too_long()
+    return await _copy_stream(request.content.readany, view, too_long)
+
+
+def deadline_from(request: web.Request, default_s: float) -> float:
+    """The request's deadline on the loop clock: ``X-Deadline-Ms`` (relative) or the default."""
+    header = request.headers.get(DEADLINE_HEADER)
+    timeout_s = default_s
+    if header is not None:
+        try:
+            timeout_s = float(header) / 1000
+        except ValueError:
+            raise BadRequest(f"{DEADLINE_HEADER} must be a number of milliseconds, not {header!r}") from None
+        if timeout_s <= 0:
+            raise BadRequest(f"{DEADLINE_HEADER} must be positive")
+    return asyncio.get_running_loop().time() + timeout_s
 
 
 class InferenceRoutes:
     def __init__(self, supervisor: Supervisor, config: Config):
         self.supervisor = supervisor
         self.config = config
+        self.metrics = supervisor.metrics
 
     async def ping(self, request: web.Request) -> web.Response:
         if self.supervisor.ready:
             return web.json_response({"status": "Healthy"})
         status = "Unhealthy" if self.supervisor.failure else "Starting"
-        return web.json_response({"status": status}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        body = {"status": status, **self.supervisor.health()}
+        return web.json_response(body, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def predict(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
-        signature = self.supervisor.signature(model)
-        worker = self.supervisor.pick(model)
+        started = time.perf_counter()
+        code = "ok"
+        self.metrics.in_flight.labels("http").inc()
         try:
-            slot = worker.acquire_slot()
-        except SlotsExhausted:
-            raise Overloaded(f"worker {worker.index} has no free slot; retry later") from None
-        view = worker.pool.view(slot)
-        try:
-            nbytes = await read_body_into(request, view, self.config.max_body_bytes)
-            kind = "image" if signature.takes_images else "tensor"
-            reply = await worker.run(model, kind, slot, nbytes, self.config.request_timeout_s)
-            if reply["op"] == "error":
-                raise FastInferError(reply["message"], code=reply["code"], status=reply["status"])
-            if "classes" in reply:
-                return web.json_response(reply["classes"])
-            return web.Response(
-                body=json.dumps({"model_name": model, "outputs": _outputs_json(reply, view)}),
-                content_type="application/json",
-            )
+            return await self._predict(request, model)
+        except FastInferError as error:
+            code = error.code
+            raise
         finally:
-            view.release()
-            worker.release_slot(slot)
+            self.metrics.in_flight.labels("http").dec()
+            if model in self.supervisor.model_paths:
+                self.metrics.requests.labels(model, "http", code).inc()
+                self.metrics.request_latency.labels(model, "http").observe(time.perf_counter() - started)
 
-
-def _outputs_json(reply: dict, view: memoryview) -> list[dict]:
-    outputs = []
-    for out in reply["outputs"]:
-        count = int(np.prod(out["shape"]))
-        array = np.frombuffer(view, dtype=out["dtype"], count=count, offset=out["offset"])
-        outputs.append({"name": out["name"], "dtype": out["dtype"], "shape": out["shape"], "data": array.tolist()})
-    return outputs
+    async def _predict(self, request: web.Request, model: str) -> web.Response:
+        signature = self.supervisor.signature(model)
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
+        row = self.supervisor.batcher.reserve(model, deadline_from(request, self.config.request_timeout_s))
+        try:
+            view = row.payload_view()
+            try:
+                if signature.takes_images:
+                    body = view[:limit]
+                    nbytes = await read_body_into(
+                        request, body, lambda: PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                    )
+                    body.release()
+                else:
+                    sample = len(view)
+                    nbytes = await read_body_into(
+                        request, view, lambda: BadRequest(f"the body is longer than the {sample} bytes the model takes")
+                    )
+            finally:
+                view.release()
+            row.filled(nbytes)
+            result = await row.result()
+            if signature.top_k and result.classes is not None:
+                return web.json_response(result.classes)
+            outputs = [
+                {"name": spec.name, "dtype": spec.dtype, "shape": [1, *spec.shape], "data": array.reshape(-1).tolist()}
+                for spec, array in zip(signature.outputs, result.outputs, strict=True)
+            ]
+            return web.json_response({"model_name": model, "outputs": outputs})
+        finally:
+            row.release()
 
 
 def inference_app(supervisor: Supervisor, config: Config) -> web.Application:
@@ -136,10 +165,13 @@ def management_app(supervisor: Supervisor) -> web.Application:
 
     async def describe_model(request: web.Request) -> web.Response:
         signature = supervisor.signature(request.match_info["model"])
-        workers = [{"index": w.index, "pid": w.pid, "state": w.state, "cores": w.cores} for w in supervisor.workers]
-        return web.json_response({**signature.to_dict(), "workers": workers})
+        return web.json_response({**signature.to_dict(), **supervisor.health()})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=supervisor.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
     app = web.Application(middlewares=[errors_as_json])
     app.router.add_get("/models", list_models)
     app.router.add_get("/models/{model}", describe_model)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from typing import Any
 
 import msgpack
@@ -26,13 +27,16 @@ def decode(body: bytes) -> dict[str, Any]:
 
 
 class BlockingChannel:
-    """The worker's end: blocking sends and receives on a connected socket."""
+    """The worker's end: blocking receives; sends from any thread (the heartbeat has its own)."""
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
+        self._send_lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
-        self._sock.sendall(encode(message))
+        data = encode(message)
+        with self._send_lock:
+            self._sock.sendall(data)
 
     def recv(self) -> dict[str, Any] | None:
         """The next message, or None once the front has closed its end."""

@@ -1,8 +1,8 @@
-"""The front's handle on one worker process: spawn it, wait until warm, send it requests, and
-fail those requests at once if it dies.
+"""The front's handle on one worker process: spawn it, wait until warm, send it batches, and
+fail those batches at once if it dies.
 
-A slot stays out of the pool for as long as the worker may write into it: a request that gives
-up early (timeout, client gone) leaves its slot to be returned when the worker answers or dies.
+The worker answers batches in the order sent, and beats a heartbeat between them; ``last_heard_s``
+tells the supervisor whether it is still alive.
 """
 
 from __future__ import annotations
@@ -12,44 +12,42 @@ import logging
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
-from fastinfer.errors import FastInferError, ModelLoadError, WorkerDied
-from fastinfer.shm import SlotPool
+from fastinfer.errors import ModelLoadError, WorkerDied
 from fastinfer.signature import ModelSignature
 from fastinfer.worker.channel import HEADER, decode, encode
 
 log = logging.getLogger(__name__)
 
 
-class RequestTimeout(FastInferError):
-    code = "timeout"
-    status = 504
-
-
 class WorkerHandle:
-    """One worker process and the slot pool it shares with the front."""
+    """One worker process, from the front's side."""
 
-    def __init__(self, index: int, cores: list[int], pool: SlotPool, init: dict[str, Any]):
+    def __init__(self, index: int, cores: list[int], init: dict[str, Any]):
         self.index = index
         self.cores = cores
-        self.pool = pool
         self._init = init
-        self.state = "stopped"  # -> starting -> ready -> dead
+        self.state = "stopped"  # -> starting -> ready -> dead (-> starting ...), or failed
         self.signatures: dict[str, ModelSignature] = {}
         self.pid: int | None = None
+        self.last_heard_s = 0.0
         self._process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self._reader_task: asyncio.Task | None = None
-        self._pending: dict[int, tuple[asyncio.Future, int]] = {}
-        self._held_by_worker: set[int] = set()
-        self._abandoned: set[int] = set()
+        self._pending: dict[int, tuple[asyncio.Future, float]] = {}
         self._next_id = 0
 
     @property
     def in_flight(self) -> int:
+        """Batches sent and not yet answered."""
         return len(self._pending)
+
+    @property
+    def oldest_sent_s(self) -> float | None:
+        return min((sent for _, sent in self._pending.values()), default=None)
 
     async def start(self, timeout_s: float) -> None:
         """Spawn the process and return once it is warm; raise ModelLoadError if it cannot load."""
@@ -74,6 +72,7 @@ class WorkerHandle:
             reason = message["message"] if message else "it exited while loading"
             raise ModelLoadError(f"worker {self.index} could not load its models: {reason}")
         self.signatures = {name: ModelSignature.from_dict(sig) for name, sig in message["models"].items()}
+        self.last_heard_s = time.monotonic()
         self.state = "ready"
         self._reader_task = asyncio.create_task(self._read_replies())
 
@@ -88,55 +87,30 @@ class WorkerHandle:
 
     async def _read_replies(self) -> None:
         while (message := await self._read()) is not None:
-            entry = self._pending.pop(message["id"], None)
-            if entry is None:
-                continue
-            future, slot = entry
-            self._give_back(slot)
-            if not future.done():
-                future.set_result(message)
+            self.last_heard_s = time.monotonic()
+            if message["op"] == "done":
+                future, _ = self._pending.pop(message["id"], (None, 0.0))
+                if future is not None and not future.done():
+                    future.set_result(message)
         self.state = "dead"
         died = WorkerDied(f"worker {self.index} died while running the request")
         pending, self._pending = self._pending, {}
-        for future, slot in pending.values():
-            self._give_back(slot)
+        for future, _ in pending.values():
             if not future.done():
                 future.set_exception(died)
 
-    def acquire_slot(self) -> int:
-        return self.pool.acquire()
-
-    def release_slot(self, slot: int) -> None:
-        """Return a slot; if the worker still holds it, it returns when the worker lets go."""
-        if slot in self._held_by_worker:
-            self._abandoned.add(slot)
-        else:
-            self.pool.release(slot)
-
-    def _give_back(self, slot: int) -> None:
-        self._held_by_worker.discard(slot)
-        if slot in self._abandoned:
-            self._abandoned.discard(slot)
-            self.pool.release(slot)
-
-    async def run(self, model: str, kind: str, slot: int, nbytes: int, timeout_s: float) -> dict[str, Any]:
-        """Have the worker run the request whose payload is in ``slot``; return its reply message."""
+    def send_batch(self, message: dict[str, Any]) -> asyncio.Future:
+        """Send a batch; the future resolves with the worker's ``done`` reply, or WorkerDied."""
         if self.state != "ready" or self._writer is None:
             raise WorkerDied(f"worker {self.index} is not running")
         self._next_id += 1
-        request_id = self._next_id
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = (future, slot)
-        self._held_by_worker.add(slot)
-        self._writer.write(
-            encode({"op": "infer", "id": request_id, "model": model, "kind": kind, "slot": slot, "nbytes": nbytes})
-        )
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
-            raise RequestTimeout(f"no answer from the worker within {timeout_s:.0f} s") from None
+        self._pending[self._next_id] = (future, time.monotonic())
+        self._writer.write(encode({**message, "op": "run", "id": self._next_id}))
+        return future
 
     async def wait_exit(self) -> int | None:
+        """Wait for the process to exit; every batch it held has failed by the time this returns."""
         if self._process is None:
             return None
         code = await self._process.wait()
@@ -152,7 +126,7 @@ class WorkerHandle:
             self._process.kill()
 
     async def stop(self, timeout_s: float) -> None:
-        """Ask the worker to exit; kill it if it has not within ``timeout_s``."""
+        """Ask the worker to exit after the batches it holds; kill it if it overruns ``timeout_s``."""
         if self._process is None:
             return
         if self._writer is not None and not self._writer.is_closing():

@@ -1,4 +1,4 @@
-"""A model loaded in a worker: its runtime, pre- and postprocessing, and how a request runs."""
+"""A model loaded in a worker: its runtime, pre- and postprocessing, and how a batch runs."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastinfer.errors import BadRequest, FastInferError
+from fastinfer.errors import FastInferError
 from fastinfer.preprocess import ImagePreprocess, preprocess_into
-from fastinfer.shm import ALIGNMENT, round_up
-from fastinfer.signature import ModelSignature
+from fastinfer.shm import ALIGNMENT
+from fastinfer.signature import BatchLayout, ModelSignature
 from fastinfer.worker.runtime import EchoRuntime, Runtime, TvmRuntime
 
 log = logging.getLogger(__name__)
@@ -30,64 +30,36 @@ class LoadedModel:
     runtime: Runtime
     labels: list[str] | None = None
 
-    def __post_init__(self) -> None:
-        self._image_batch = None
+    def warm_up(self, rows: int) -> None:
+        """Run the largest batch once, so that the first request does not pay for first-run costs."""
+        padded = self.signature.padded(rows)
+        self.runtime.run([aligned_zeros((padded, *t.shape), t.dtype) for t in self.signature.inputs])
+
+    def run_batch(self, layout: BatchLayout, slot: memoryview, rows: int, images: list[memoryview | None]) -> dict:
+        """Run ``rows`` requests laid out in ``slot``; write their outputs there; return the reply.
+
+        For image models ``images[i]`` is request i's encoded bytes (None for a padding row), decoded
+        here straight into the slot's input rows. A request whose image is bad fails alone.
+        """
+        padded = self.signature.padded(rows)
+        inputs = [layout.input_array(slot, i, padded) for i in range(len(self.signature.inputs))]
+        errors: list[dict | None] = [None] * rows
         if self.signature.preprocess is not None:
-            spec = self.signature.inputs[0]
-            self._image_batch = aligned_zeros(spec.shape, spec.dtype)
-
-    def warm_up(self) -> None:
-        self.runtime.run([aligned_zeros(t.shape, t.dtype) for t in self.signature.inputs])
-
-    def infer(self, kind: str, slot: memoryview, nbytes: int) -> dict:
-        """Run one request whose payload is ``slot[:nbytes]``; write outputs into ``slot``; return the reply."""
-        if kind == "image":
-            if self._image_batch is None or self.signature.preprocess is None:
-                raise BadRequest(f"model {self.signature.name} takes tensors, not images")
-            preprocess_into(slot[:nbytes], self.signature.preprocess, self._image_batch[0])
-            inputs = [self._image_batch]
-        else:
-            inputs = [self._tensor_input(slot, nbytes)]
+            for row, image in enumerate(images):
+                if image is None:
+                    continue
+                try:
+                    preprocess_into(image, self.signature.preprocess, inputs[0][row])
+                except FastInferError as error:
+                    errors[row] = {"code": error.code, "status": error.status, "message": error.message}
+                    inputs[0][row] = 0
         outputs = self.runtime.run(inputs)
-        reply: dict = {"outputs": self._write_outputs(outputs, slot)}
+        for index, output in enumerate(outputs):
+            layout.output_array(slot, index, rows)[:] = output[:rows]
+        reply: dict = {"errors": errors}
         if self.signature.top_k:
-            reply["classes"] = self._top_k(outputs[0][0])
+            reply["classes"] = [None if errors[row] else self._top_k(outputs[0][row]) for row in range(rows)]
         return reply
-
-    def _tensor_input(self, slot: memoryview, nbytes: int) -> np.ndarray:
-        if len(self.signature.inputs) != 1:
-            raise BadRequest(
-                f"model {self.signature.name} has {len(self.signature.inputs)} inputs; a raw body feeds one"
-            )
-        spec = self.signature.inputs[0]
-        if nbytes != spec.nbytes:
-            raise BadRequest(
-                f"input {spec.name!r} is {spec.dtype} {list(spec.shape)}, {spec.nbytes} bytes; the body has {nbytes}"
-            )
-        return np.frombuffer(
-            slot, dtype=np.dtype(spec.dtype).newbyteorder("<"), count=int(np.prod(spec.shape))
-        ).reshape(spec.shape)
-
-    def _write_outputs(self, outputs: list[np.ndarray], slot: memoryview) -> list[dict]:
-        described = []
-        offset = 0
-        for spec, array in zip(self.signature.outputs, outputs, strict=True):
-            array = np.ascontiguousarray(array, dtype=np.dtype(array.dtype).newbyteorder("<"))
-            if offset + array.nbytes > len(slot):
-                raise FastInferError(f"outputs of {self.signature.name} do not fit one shared-memory slot")
-            target = np.frombuffer(slot, array.dtype, count=array.size, offset=offset)
-            target[:] = array.reshape(-1)
-            described.append(
-                {
-                    "name": spec.name,
-                    "dtype": array.dtype.name,
-                    "shape": list(array.shape),
-                    "offset": offset,
-                    "nbytes": array.nbytes,
-                }
-            )
-            offset = round_up(offset + array.nbytes)
-        return described
 
     def _top_k(self, logits: np.ndarray) -> list[dict]:
         exp = np.exp(logits - logits.max())
@@ -104,7 +76,7 @@ class LoadedModel:
 
 
 def load_model(name: str, path: str, *, cache_dir: str, num_cores: int, max_image_pixels: int) -> LoadedModel:
-    """Build (or find cached), load and warm up the model at ``path``; "" is the default model."""
+    """Build (or find cached) and load the model at ``path``; "" is the default model."""
     from fastinfer.compiler import compile_onnx
     from fastinfer.models import default
 
@@ -123,10 +95,8 @@ def load_model(name: str, path: str, *, cache_dir: str, num_cores: int, max_imag
         else:
             onnx_path = path
         compiled = compile_onnx(onnx_path, cache_dir, num_cores)
-        runtime = TvmRuntime(compiled.library_path, compiled.inputs, compiled.outputs)
+        runtime = TvmRuntime(compiled.library_path, compiled.inputs, compiled.outputs, compiled.batch_sizes)
     runtime.load()
-    signature = ModelSignature(name, runtime.inputs, runtime.outputs, preprocess, top_k)
-    model = LoadedModel(signature, runtime, labels)
-    model.warm_up()
-    log.info("model %s loaded and warm", name)
-    return model
+    signature = ModelSignature(name, runtime.inputs, runtime.outputs, preprocess, top_k, runtime.batch_sizes)
+    log.info("model %s loaded", name)
+    return LoadedModel(signature, runtime, labels)

@@ -1,9 +1,9 @@
-"""The worker process: owns its cores, loads the models, runs requests from its slots.
+"""The worker process: owns its cores, loads the models, runs batches from shared memory.
 
 Started by the front as ``python -m fastinfer.worker FD`` (a fresh interpreter, never a fork of
 a process that loaded TVM), with one end of a socketpair as FD. It pins itself to its cores and
-sets TVM's thread count before TVM is imported, answers ``ready`` once every model is warm, and
-exits when the front closes the channel or dies.
+sets TVM's thread count before TVM is imported, answers ``ready`` once every model is warm, beats
+a heartbeat from a side thread, and exits when the front closes the channel or dies.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from fastinfer.errors import FastInferError
 from fastinfer.shm import SlotMap
+from fastinfer.signature import BatchLayout
 from fastinfer.worker.channel import BlockingChannel
 
 log = logging.getLogger("fastinfer.worker")
@@ -36,6 +38,14 @@ def _own_cores(cores: list[int]) -> None:
     os.environ["TVM_NUM_THREADS"] = str(max(1, len(cores)))
 
 
+def _beat(channel: BlockingChannel, interval_s: float, stop: threading.Event) -> None:
+    while not stop.wait(interval_s):
+        try:
+            channel.send({"op": "beat"})
+        except OSError:
+            return
+
+
 def serve(channel: BlockingChannel) -> int:
     init = channel.recv()
     if init is None:
@@ -45,7 +55,7 @@ def serve(channel: BlockingChannel) -> int:
     )
     _own_cores(init["cores"])
 
-    from fastinfer.worker.model import load_model  # imports numpy; TVM comes later, after pinning
+    from fastinfer.worker.model import load_model  # TVM is imported after pinning, inside
 
     slots = SlotMap(init["shm_name"], init["slot_count"], init["slot_bytes"])
     slots.open()
@@ -60,30 +70,39 @@ def serve(channel: BlockingChannel) -> int:
             )
             for name, path in init["models"].items()
         }
-    except FastInferError as error:
-        log.error("%s", error.message)
-        channel.send({"op": "failed", "message": error.message})
+        layouts = {
+            name: BatchLayout.for_slot(model.signature, init["batch_limit"], init["slot_bytes"])
+            for name, model in models.items()
+        }
+        for name, model in models.items():
+            model.warm_up(layouts[name].rows)
+    except (FastInferError, ValueError) as error:
+        message = error.message if isinstance(error, FastInferError) else str(error)
+        log.error("%s", message)
+        channel.send({"op": "failed", "message": message})
         return 3
     channel.send({"op": "ready", "pid": os.getpid(), "models": {n: m.signature.to_dict() for n, m in models.items()}})
 
-    while True:
-        message = channel.recv()
-        if message is None or message["op"] == "stop":
-            return 0
-        request_id = message["id"]
-        try:
-            model = models[message["model"]]
-            reply = model.infer(message["kind"], slots.view(message["slot"]), message["nbytes"])
-            channel.send({"op": "result", "id": request_id, **reply})
-        except FastInferError as error:
-            channel.send(
-                {"op": "error", "id": request_id, "code": error.code, "status": error.status, "message": error.message}
-            )
-        except Exception as error:  # a bug or a TVM failure must not take the worker down
-            log.exception("request %s failed", request_id)
-            channel.send(
-                {"op": "error", "id": request_id, "code": "internal_error", "status": 500, "message": str(error)}
-            )
+    stop = threading.Event()
+    threading.Thread(target=_beat, args=(channel, init["heartbeat_s"], stop), daemon=True).start()
+    try:
+        while (message := channel.recv()) is not None and message["op"] != "stop":
+            channel.send(_run(message, models, layouts, slots))
+    finally:
+        stop.set()
+    return 0
+
+
+def _run(message: dict, models: dict, layouts: dict, slots: SlotMap) -> dict:
+    batch_id = message["id"]
+    try:
+        model = models[message["model"]]
+        images = [None if image is None else slots.view(image[0])[: image[1]] for image in message["images"]]
+        reply = model.run_batch(layouts[message["model"]], slots.view(message["slot"]), message["rows"], images)
+        return {"op": "done", "id": batch_id, **reply}
+    except Exception as error:  # a bug or a TVM failure fails the batch, not the worker
+        log.exception("batch %s failed", batch_id)
+        return {"op": "done", "id": batch_id, "error": {"code": "internal_error", "status": 500, "message": str(error)}}
 
 
 def main() -> None:

@@ -12,8 +12,11 @@ from fastinfer.signature import TensorSpec
 
 
 class Runtime(Protocol):
+    """Specs are per sample; ``run`` takes and returns whole batches along axis 0."""
+
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    batch_sizes: tuple[int, ...] | None
 
     def load(self) -> None: ...
 
@@ -23,10 +26,17 @@ class Runtime(Protocol):
 class TvmRuntime:
     """A compiled Relax VM executable on the CPU. Inputs must be 64-byte aligned (zero-copy)."""
 
-    def __init__(self, library_path: Path, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]):
+    def __init__(
+        self,
+        library_path: Path,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        batch_sizes: tuple[int, ...] | None,
+    ):
         self.library_path = library_path
         self.inputs = inputs
         self.outputs = outputs
+        self.batch_sizes = batch_sizes
         self._main = None
 
     def load(self) -> None:
@@ -52,8 +62,9 @@ class EchoRuntime:
     """
 
     def __init__(self, dtype: str, count: int, delay_s: float = 0.0):
-        self.inputs: tuple[TensorSpec, ...] = (TensorSpec("input", dtype, (1, count)),)
-        self.outputs: tuple[TensorSpec, ...] = (TensorSpec("output", dtype, (1, count)),)
+        self.inputs: tuple[TensorSpec, ...] = (TensorSpec("input", dtype, (count,)),)
+        self.outputs: tuple[TensorSpec, ...] = (TensorSpec("output", dtype, (count,)),)
+        self.batch_sizes: tuple[int, ...] | None = None
         self.delay_s = delay_s
 
     @classmethod

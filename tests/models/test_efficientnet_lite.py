@@ -82,16 +82,20 @@ def reference_forward(weights, image):
 @pytest.fixture(scope="module")
 def compiled(cache_dir):
     model = compile_onnx(default.onnx_path(cache_dir), cache_dir, num_cores=2)
-    runtime = TvmRuntime(model.library_path, model.inputs, model.outputs)
+    assert model.batch_sizes is None, "the batch axis stays symbolic"
+    runtime = TvmRuntime(model.library_path, model.inputs, model.outputs, model.batch_sizes)
     runtime.load()
     return runtime
 
 
-@pytest.mark.parametrize("photo", ["chelsea.png", "coffee.png"])
-def test_tvm_matches_numpy_reference(compiled, photos, photo):
-    batch = aligned_zeros((1, 3, 224, 224), "float32")
-    preprocess_into((photos / photo).read_bytes(), default.preprocess(40_000_000), batch[0])
+def test_tvm_matches_numpy_reference(compiled, photos):
+    """One batch of two photos: each row must match the reference run alone."""
+    batch = aligned_zeros((2, 3, 224, 224), "float32")
+    for row, photo in enumerate(["chelsea.png", "coffee.png"]):
+        preprocess_into((photos / photo).read_bytes(), default.preprocess(40_000_000), batch[row])
     (logits,) = compiled.run([batch])
-    expected = reference_forward(load_legacy_state_dict(default.weights_path()), batch[0])
-    assert logits.shape == (1, 1000)
-    np.testing.assert_allclose(logits[0], expected, rtol=0, atol=1e-4)
+    assert logits.shape == (2, 1000)
+    weights = load_legacy_state_dict(default.weights_path())
+    for row in range(2):
+        expected = reference_forward(weights, batch[row])
+        np.testing.assert_allclose(logits[row], expected, rtol=0, atol=1e-4)

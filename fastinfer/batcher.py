@@ -1,0 +1,343 @@
+"""Dynamic batching: requests join batches laid out in shared memory; free workers take them.
+
+Rules (after Triton's dynamic batcher, with one addition for latency):
+- A request reserves a row of its model's *open* batch as soon as its header is parsed, and its
+  payload is received straight into that row (tensor models) or into an image slot of its own
+  (image models, decoded by the worker into the row). A row is FILLING until its payload is in
+  (READY), or until it is given up (VOID: a padding row whose result nobody reads).
+- The open batch closes when it is full or when a worker takes it.
+- A worker takes a batch whose rows are all READY or VOID when the batch is full, or when the
+  worker has nothing in flight and the batch has waited ``max_delay_s`` since its first row
+  (0: at once — a worker with nothing to do takes what is waiting; while it is busy, rows pile up
+  into the next batch). A busy worker takes only full batches, up to ``pipeline_depth`` in flight,
+  so it never waits for the front between batches.
+- Past ``queue_max_size`` rows waiting, or with no free slot, a request is refused at once.
+- A batch's slots return to the pool once the worker has answered (or died) and every request of
+  the batch has released its row: replies are written from views of the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from fastinfer.errors import BadRequest, DeadlineExceeded, FastInferError, Overloaded
+from fastinfer.shm import SlotPool, SlotsExhausted
+from fastinfer.signature import BatchLayout, ModelSignature
+
+FILLING, READY, VOID = "filling", "ready", "void"
+
+
+class Worker(Protocol):
+    state: str
+    in_flight: int
+
+    def send_batch(self, message: dict[str, Any]) -> asyncio.Future: ...
+
+
+@dataclass
+class RowResult:
+    """One request's outputs: views of its batch's slot, valid until the row is released."""
+
+    outputs: list[np.ndarray]
+    classes: list[dict] | None
+
+
+class Row:
+    """One request's place in a batch."""
+
+    def __init__(self, batch: Batch, index: int, deadline_s: float, image_slot: int | None):
+        self.batch = batch
+        self.index = index
+        self.deadline_s = deadline_s
+        self.image_slot = image_slot
+        self.state = FILLING
+        self.nbytes = 0
+        self.released = False
+        self.future: asyncio.Future[RowResult] = asyncio.get_running_loop().create_future()
+
+    def payload_view(self) -> memoryview:
+        """Where the request's payload goes: its tensor row, or its image slot."""
+        batch = self.batch
+        if self.image_slot is not None:
+            return batch.queue.batcher.pool.view(self.image_slot)
+        return batch.queue.layout.input_row(batch.view, 0, self.index)
+
+    def input_view(self, index: int) -> memoryview:
+        """The row of input ``index`` (for requests that carry several tensors)."""
+        return self.batch.queue.layout.input_row(self.batch.view, index, self.index)
+
+    def filled(self, nbytes: int) -> None:
+        """The payload is in; for a tensor model, it must be exactly one sample."""
+        if self.image_slot is None:
+            expected = sum(spec.nbytes for spec in self.batch.queue.signature.inputs)
+            if nbytes != expected:
+                self._give_up()
+                spec = self.batch.queue.signature.inputs[0]
+                raise BadRequest(
+                    f"input {spec.name!r} is {spec.dtype} {list(spec.shape)}, {expected} bytes; the body has {nbytes}"
+                )
+        self.nbytes = nbytes
+        if self.state == FILLING:
+            self.state = READY
+            self.batch.queue.batcher.pump()
+
+    async def result(self) -> RowResult:
+        """Wait for this request's outputs, until its deadline."""
+        remaining_s = self.deadline_s - self.batch.queue.batcher.now()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.future), remaining_s)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed before its result was ready") from None
+
+    def release(self) -> None:
+        """The request is done with its row (answered, failed or abandoned)."""
+        if self.released:
+            return
+        self.released = True
+        self._give_up()
+        self.batch.row_released()
+
+    def _give_up(self) -> None:
+        if self.batch.state in (OPEN, SEALED) and self.state != VOID:
+            self.state = VOID
+            self.batch.queue.batcher.pump()
+
+
+OPEN, SEALED, SENT, DONE = "open", "sealed", "sent", "done"
+
+
+class Batch:
+    def __init__(self, queue: ModelQueue, batch_id: int, slot: int, opened_s: float):
+        self.queue = queue
+        self.id = batch_id
+        self.slot = slot
+        self.view = queue.batcher.pool.view(slot)
+        self.opened_s = opened_s
+        self.sent_s = 0.0
+        self.rows: list[Row] = []
+        self.state = OPEN
+        self._released = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.queue.max_batch
+
+    @property
+    def complete(self) -> bool:
+        return all(row.state != FILLING for row in self.rows)
+
+    def message(self) -> dict[str, Any]:
+        images = [
+            [row.image_slot, row.nbytes] if row.state == READY and row.image_slot is not None else None
+            for row in self.rows
+        ]
+        return {"model": self.queue.signature.name, "slot": self.slot, "rows": len(self.rows), "images": images}
+
+    def finish(self, reply: dict | None, error: FastInferError | None) -> None:
+        """Hand each live row its result or error; free the slots once all rows are released."""
+        self.state = DONE
+        layout = self.queue.layout
+        batch_error = error or (FastInferError.from_dict(reply["error"]) if reply and "error" in reply else None)
+        for row in self.rows:
+            if row.future.done() or row.state == VOID:
+                continue
+            if batch_error is not None:
+                row.future.set_exception(batch_error)
+                continue
+            assert reply is not None
+            row_error = reply["errors"][row.index] if reply.get("errors") else None
+            if row_error:
+                row.future.set_exception(FastInferError.from_dict(row_error))
+                continue
+            outputs = [
+                layout.output_array(self.view, i, len(self.rows))[row.index]
+                for i in range(len(self.queue.signature.outputs))
+            ]
+            classes = reply["classes"][row.index] if reply.get("classes") else None
+            row.future.set_result(RowResult(outputs, classes))
+        self._free_if_done()
+
+    def row_released(self) -> None:
+        self._released += 1
+        self._free_if_done()
+
+    def _free_if_done(self) -> None:
+        if self.state != DONE or self._released < len(self.rows) or self.view is None:
+            return
+        self.view.release()
+        self.view = None  # type: ignore[assignment]
+        pool = self.queue.batcher.pool
+        pool.release(self.slot)
+        for row in self.rows:
+            if row.image_slot is not None:
+                pool.release(row.image_slot)
+        self.rows = []  # rows point at their batch: break the cycle so their views go with them
+
+
+class ModelQueue:
+    """The batches of one model that no worker has taken yet."""
+
+    def __init__(self, batcher: Batcher, signature: ModelSignature, layout: BatchLayout, max_batch: int):
+        self.batcher = batcher
+        self.signature = signature
+        self.layout = layout
+        self.max_batch = max_batch
+        self.batches: list[Batch] = []  # oldest first; only the last may be open
+        self.waiting_rows = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def open_batch(self) -> Batch | None:
+        if self.batches and self.batches[-1].state == OPEN:
+            return self.batches[-1]
+        return None
+
+
+class Batcher:
+    """Per-model queues of batches in one slot pool, drained by the workers."""
+
+    def __init__(
+        self,
+        pool: SlotPool,
+        workers: Sequence[Worker],
+        *,
+        batch_max_size: int,
+        batch_max_delay_s: float,
+        queue_max_size: int,
+        pipeline_depth: int = 2,
+        clock: Callable[[], float] | None = None,
+        on_batch: Callable[[str, int, float, float], None] | None = None,
+    ):
+        self.pool = pool
+        self.workers = workers
+        self.batch_max_size = batch_max_size
+        self.batch_max_delay_s = batch_max_delay_s
+        self.queue_max_size = queue_max_size
+        self.pipeline_depth = pipeline_depth
+        self._clock = clock
+        self._on_batch = on_batch
+        self.queues: dict[str, ModelQueue] = {}
+        self._ids = itertools.count(1)
+
+    def now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    def add_model(self, signature: ModelSignature) -> None:
+        if signature.name in self.queues:
+            return
+        layout = BatchLayout.for_slot(signature, self.batch_max_size, self.pool.slot_bytes)
+        max_batch = min(self.batch_max_size, layout.max_batch)
+        self.queues[signature.name] = ModelQueue(self, signature, layout, max_batch)
+
+    def queue_depth(self, model: str) -> int:
+        return self.queues[model].waiting_rows
+
+    def reserve(self, model: str, deadline_s: float) -> Row:
+        """A row in ``model``'s open batch (opening one if needed); raise Overloaded if full."""
+        queue = self.queues[model]
+        if queue.waiting_rows >= self.queue_max_size:
+            raise Overloaded(f"{queue.waiting_rows} requests are already waiting for {model}; retry later")
+        batch = queue.open_batch
+        image_slot = None
+        try:
+            if batch is None:
+                batch = Batch(queue, next(self._ids), self.pool.acquire(), self.now())
+                queue.batches.append(batch)
+            if queue.signature.takes_images:
+                image_slot = self.pool.acquire()
+        except SlotsExhausted:
+            raise Overloaded("every shared-memory slot is in use; retry later") from None
+        row = Row(batch, len(batch.rows), deadline_s, image_slot)
+        batch.rows.append(row)
+        queue.waiting_rows += 1
+        if batch.full:
+            batch.state = SEALED
+        return row
+
+    def _arm_timer(self, queue: ModelQueue, at_s: float) -> None:
+        if queue.timer is not None:
+            queue.timer.cancel()
+        loop = asyncio.get_running_loop()
+        queue.timer = loop.call_later(max(0.0, at_s - self.now()), self._timer_fired, queue)
+
+    def _timer_fired(self, queue: ModelQueue) -> None:
+        queue.timer = None
+        self.pump()
+
+    def pump(self) -> None:
+        """Give batches to every worker that can take one, by the rules at the top of this module."""
+        for queue in self.queues.values():
+            self._drop_void(queue)
+        for worker in sorted(self.workers, key=lambda w: w.in_flight):
+            while worker.state == "ready" and worker.in_flight < self.pipeline_depth:
+                batch = self._take(worker)
+                if batch is None:
+                    break
+                self._send(worker, batch)
+        if self.batch_max_delay_s > 0:
+            now = self.now()
+            for queue in self.queues.values():
+                if queue.batches and queue.timer is None:
+                    due_s = queue.batches[0].opened_s + self.batch_max_delay_s
+                    if due_s > now:
+                        self._arm_timer(queue, due_s)
+
+    def _take(self, worker: Worker) -> Batch | None:
+        now = self.now()
+        best: Batch | None = None
+        for queue in self.queues.values():
+            if not queue.batches:
+                continue
+            batch = queue.batches[0]
+            if not batch.complete:
+                continue
+            waited = now - batch.opened_s >= self.batch_max_delay_s
+            if (batch.full or (worker.in_flight == 0 and waited)) and (best is None or batch.opened_s < best.opened_s):
+                best = batch
+        if best is not None:
+            best.queue.batches.pop(0)
+        return best
+
+    def _drop_void(self, queue: ModelQueue) -> None:
+        while queue.batches and queue.batches[0].complete and all(r.state == VOID for r in queue.batches[0].rows):
+            batch = queue.batches.pop(0)
+            queue.waiting_rows -= len(batch.rows)
+            batch.finish(None, None)
+
+    def _send(self, worker: Worker, batch: Batch) -> None:
+        queue = batch.queue
+        queue.waiting_rows -= len(batch.rows)
+        batch.state = SENT
+        batch.sent_s = self.now()
+        try:
+            future = worker.send_batch(batch.message())
+        except FastInferError as error:
+            batch.finish(None, error)
+            return
+        future.add_done_callback(lambda f: self._finished(batch, f))
+
+    def _finished(self, batch: Batch, future: asyncio.Future) -> None:
+        error = future.exception()
+        if error is not None and not isinstance(error, FastInferError):
+            error = FastInferError(str(error))
+        batch.finish(None if error else future.result(), error)  # type: ignore[arg-type]
+        if self._on_batch is not None:
+            now = self.now()
+            self._on_batch(
+                batch.queue.signature.name, len(batch.rows), batch.sent_s - batch.opened_s, now - batch.sent_s
+            )
+        self.pump()
+
+    def fail_all(self, error: FastInferError) -> None:
+        """Fail every batch no worker has taken (at shutdown, or when no worker is left)."""
+        for queue in self.queues.values():
+            for batch in queue.batches:
+                batch.finish(None, error)
+            queue.batches.clear()
+            queue.waiting_rows = 0

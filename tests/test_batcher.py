@@ -1,0 +1,212 @@
+"""Batching decisions with an injected clock and fake workers: no sleeps, no processes."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from fastinfer.batcher import Batcher
+from fastinfer.errors import BadRequest, DeadlineExceeded, Overloaded, WorkerDied
+from fastinfer.shm import SlotPool
+from fastinfer.signature import ModelSignature, TensorSpec
+
+ECHO = ModelSignature("echo", (TensorSpec("x", "float32", (4,)),), (TensorSpec("y", "float32", (4,)),))
+
+
+class FakeWorker:
+    def __init__(self):
+        self.state = "ready"
+        self.sent = []  # (message, future)
+
+    @property
+    def in_flight(self):
+        return sum(not f.done() for _, f in self.sent)
+
+    def send_batch(self, message):
+        future = asyncio.get_running_loop().create_future()
+        self.sent.append((message, future))
+        return future
+
+    def answer(self, index=-1, **reply):
+        message, future = self.sent[index]
+        future.set_result({"op": "done", "errors": [None] * message["rows"], **reply})
+        return message
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def pool():
+    pool = SlotPool(slot_count=8, slot_bytes=4096)
+    pool.create()
+    yield pool
+    pool.close()
+
+
+def make(pool, workers, clock, **options):
+    settings = {"batch_max_size": 4, "batch_max_delay_s": 0.0, "queue_max_size": 16, **options}
+    batcher = Batcher(pool, workers, clock=clock, **settings)
+    batcher.add_model(ECHO)
+    return batcher
+
+
+def fill(row, value):
+    view = row.payload_view()
+    np.frombuffer(view, np.float32)[:] = value
+    view.release()
+    row.filled(16)
+
+
+async def test_an_idle_worker_takes_a_partial_batch_at_once(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock)
+    row = batcher.reserve("echo", clock.now + 10)
+    assert worker.sent == [], "a row still filling holds its batch"
+    fill(row, 1.0)
+    assert [m["rows"] for m, _ in worker.sent] == [1]
+
+
+async def test_a_busy_worker_lets_rows_pile_up_into_the_next_batch(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock)
+    fill(batcher.reserve("echo", clock.now + 10), 1.0)
+    for value in (2.0, 3.0, 4.0):
+        fill(batcher.reserve("echo", clock.now + 10), value)
+    assert [m["rows"] for m, _ in worker.sent] == [1], "partial batches wait while the worker is busy"
+    worker.answer(0)
+    await asyncio.sleep(0)
+    assert [m["rows"] for m, _ in worker.sent] == [1, 3]
+
+
+async def test_full_batches_go_to_a_busy_worker_up_to_the_pipeline_depth(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, pipeline_depth=2)
+    rows = [batcher.reserve("echo", clock.now + 10) for _ in range(12)]
+    for row in rows:
+        fill(row, 0.0)
+    assert [m["rows"] for m, _ in worker.sent] == [4, 4], "the third full batch waits for a free place"
+    assert batcher.queue_depth("echo") == 4
+
+
+async def test_the_delay_holds_a_partial_batch_for_an_idle_worker(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, batch_max_delay_s=0.010)
+    fill(batcher.reserve("echo", clock.now + 10), 1.0)
+    assert worker.sent == []
+    clock.now += 0.009
+    batcher.pump()
+    assert worker.sent == []
+    clock.now += 0.001
+    batcher.pump()
+    assert [m["rows"] for m, _ in worker.sent] == [1]
+
+
+async def test_a_full_batch_does_not_wait_for_the_delay(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, batch_max_delay_s=1.0)
+    for _ in range(4):
+        fill(batcher.reserve("echo", clock.now + 10), 0.0)
+    assert [m["rows"] for m, _ in worker.sent] == [4]
+
+
+async def test_results_reach_each_row_and_slots_come_back(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock)
+    fill(batcher.reserve("echo", clock.now + 10), 0.0)  # occupies the worker
+    rows = [batcher.reserve("echo", clock.now + 10) for _ in range(3)]
+    for value, row in enumerate(rows):
+        fill(row, float(value))
+    worker.answer(0)
+    await asyncio.sleep(0)
+    message, _ = worker.sent[1]
+    # The worker's job, done by hand: copy inputs to outputs in the slot.
+    layout = batcher.queues["echo"].layout
+    view = pool.view(message["slot"])
+    layout.output_array(view, 0, 3)[:] = layout.input_array(view, 0, 3) * 10
+    del view
+    worker.answer(1)
+    for value, row in enumerate(rows):
+        result = await row.result()
+        np.testing.assert_array_equal(result.outputs[0], [value * 10.0] * 4)
+        del result
+        row.release()
+    assert pool.free_count == pool.slot_count - 1  # the first batch's row is still held
+
+
+async def test_a_wrong_size_voids_the_row_and_the_batch_goes_on(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock)
+    bad = batcher.reserve("echo", clock.now + 10)
+    good = batcher.reserve("echo", clock.now + 10)
+    with pytest.raises(BadRequest, match="16 bytes; the body has 12"):
+        bad.filled(12)
+    bad.release()
+    fill(good, 1.0)
+    assert [m["rows"] for m, _ in worker.sent] == [2]
+
+
+async def test_a_batch_of_abandoned_rows_is_dropped_and_frees_its_slot(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock)
+    rows = [batcher.reserve("echo", clock.now + 10) for _ in range(2)]
+    for row in rows:
+        row.release()
+    assert worker.sent == []
+    assert pool.free_count == pool.slot_count
+    assert batcher.queue_depth("echo") == 0
+
+
+async def test_overload_is_refused_at_once(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, queue_max_size=3)
+    for _ in range(3):
+        batcher.reserve("echo", clock.now + 10)
+    with pytest.raises(Overloaded):
+        batcher.reserve("echo", clock.now + 10)
+
+
+async def test_running_out_of_slots_is_overload(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, batch_max_size=1, queue_max_size=100)
+    for _ in range(pool.slot_count):
+        batcher.reserve("echo", clock.now + 10)
+    with pytest.raises(Overloaded, match="slot"):
+        batcher.reserve("echo", clock.now + 10)
+
+
+async def test_a_dead_worker_fails_its_batch(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock)
+    row = batcher.reserve("echo", clock.now + 10)
+    fill(row, 1.0)
+    worker.sent[0][1].set_exception(WorkerDied("gone"))
+    with pytest.raises(WorkerDied):
+        await row.result()
+    row.release()
+    assert pool.free_count == pool.slot_count
+
+
+async def test_the_deadline_ends_the_wait(pool):
+    worker, clock = FakeWorker(), Clock()
+    worker.state = "starting"  # no worker takes anything
+    batcher = make(pool, [worker], clock)
+    row = batcher.reserve("echo", clock.now + 0.01)
+    fill(row, 1.0)
+    with pytest.raises(DeadlineExceeded):
+        await row.result()
+    row.release()
+    assert pool.free_count == pool.slot_count, "the expired row's batch is dropped"
+
+
+async def test_least_loaded_worker_gets_the_batch(pool):
+    busy, idle, clock = FakeWorker(), FakeWorker(), Clock()
+    batcher = make(pool, [busy, idle], clock)
+    fill(batcher.reserve("echo", clock.now + 10), 1.0)
+    fill(batcher.reserve("echo", clock.now + 10), 2.0)
+    assert len(busy.sent) == 1 and len(idle.sent) == 1
