@@ -24,19 +24,36 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastinfer", description="A high-throughput server for TVM-compiled models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve models over HTTP")
+    serve = commands.add_parser("serve", help="serve models over HTTP and the binary protocol")
     _add_config_flags(serve)
+    bench = commands.add_parser("bench", help="measure a running server: throughput and latency")
+    _add_bench_flags(bench)
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        from fastinfer.bench import run as run_bench
+
+        return run_bench(args)
     try:
         config = Config.from_sources({k: v for k, v in vars(args).items() if k != "command"})
     except FastInferError as error:
         parser.error(error.message)
-    if args.command == "serve":
-        from fastinfer.server.main import run
+    from fastinfer.server.main import run
 
-        run(config)
+    run(config)
     return 0
+
+
+def _add_bench_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="tcp://127.0.0.1:8090", help="http://HOST:PORT or tcp://HOST:PORT")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    parser.add_argument("--duration-s", type=float, default=5.0, help="measured time, after 1 s of warm-up")
+    parser.add_argument("--shape", default="1,16", help="input shape, batch axis first")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--input-name", default="input")
+    parser.add_argument("--image", help="send this encoded image instead of a random tensor")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 if __name__ == "__main__":

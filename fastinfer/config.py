@@ -40,6 +40,7 @@ class Config:
     http_port: int = field(default=8080, metadata={"help": "HTTP inference port (0: any free port)"})
     management_port: int = field(default=8081, metadata={"help": "management port, bound to 127.0.0.1"})
     binary_port: int = field(default=8090, metadata={"help": "binary-protocol port"})
+    binary_socket: str = field(default="", metadata={"help": "also serve the binary protocol on this Unix socket"})
     cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "compiled-model cache"})
     shm_slot_bytes: int = field(default=16 << 20, metadata={"help": "bytes of one shared-memory slot"})
     shm_slots_per_worker: int = field(
@@ -62,6 +63,18 @@ class Config:
     restart_window_s: float = field(default=60.0, metadata={"help": "window of restart_max_count"})
     shutdown_timeout_s: float = field(default=10.0, metadata={"help": "time in-flight requests get to finish"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    model_store: str = field(default="", metadata={"help": "directory of model files that management may register"})
+    header_timeout_s: float = field(
+        default=15.0, metadata={"help": "time a connection gets to send a request's headers, or idle between requests"}
+    )
+    body_timeout_s: float = field(default=30.0, metadata={"help": "time a request gets to send its body (408 past it)"})
+    max_connections: int = field(default=1024, metadata={"help": "open connections per HTTP port; past it: 503"})
+    inference_token: str = field(
+        default="", repr=False, metadata={"help": "bearer token the inference port requires (empty: none)"}
+    )
+    management_token: str = field(
+        default="", repr=False, metadata={"help": "bearer token the management port requires (empty: none)"}
+    )
 
     @classmethod
     def from_sources(
@@ -89,6 +102,10 @@ class Config:
         self.worker_count()
         if self.max_body_bytes > self.shm_slot_bytes:
             raise ConfigError("max_body_bytes cannot exceed shm_slot_bytes: a body must fit one slot")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be at least 1")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ConfigError("header_timeout_s and body_timeout_s must be positive")
 
     def model_paths(self) -> dict[str, str]:
         """Model name -> path; the default model (path "") when none is given."""

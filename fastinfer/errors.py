@@ -49,6 +49,20 @@ class ImageTooLarge(BadRequest):
     code = "image_too_large"
 
 
+class RequestTimeout(FastInferError):
+    """The client did not send its request body within the configured time."""
+
+    code = "request_timeout"
+    status = 408
+
+
+class Unauthorized(FastInferError):
+    """The request has no valid bearer token."""
+
+    code = "unauthorized"
+    status = 401
+
+
 class PayloadTooLarge(FastInferError):
     """The body does not fit the configured limit."""
 

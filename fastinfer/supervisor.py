@@ -5,14 +5,21 @@ supervisor starts it again after a backoff that grows while it keeps dying, and 
 ``restart_max_count`` starts within ``restart_window_s`` (a crash loop). A worker whose models
 cannot load is not restarted: loading is deterministic. A worker that stops beating its heartbeat,
 or holds a batch past ``batch_timeout_s``, is hung: it is killed, and so restarted.
+
+The workers, the slot pool they map and the batcher that feeds them form a *generation*. To
+change the models or the worker count (register, unregister, scale, reload), a new generation
+starts beside the serving one; once every new worker is warm, new requests go to it, and the old
+generation drains (its queued and running batches finish) and stops. No request fails for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 
 from fastinfer.batcher import Batcher
 from fastinfer.config import Config
@@ -29,6 +36,9 @@ BACKOFF_MAX_S = 30.0
 MISSED_BEATS = 5
 
 
+BatcherFactory = Callable[[SlotPool, list[WorkerHandle]], Batcher]
+
+
 def split_cores(cores: list[int], workers: int) -> list[list[int]]:
     """Give each worker its own share of the cores (round-robin when there are fewer cores)."""
     if workers >= len(cores):
@@ -42,49 +52,103 @@ def split_cores(cores: list[int], workers: int) -> list[list[int]]:
     return shares
 
 
+class Generation:
+    """Workers that serve one set of models, the slot pool they map, and the batcher that feeds them."""
+
+    def __init__(self, model_paths: dict[str, str], worker_count: int, pool: SlotPool, batcher_for: BatcherFactory):
+        self.model_paths = model_paths
+        self.worker_count = worker_count
+        self.pool = pool
+        self.workers: list[WorkerHandle] = []
+        self.batcher = batcher_for(pool, self.workers)
+        self.failure: str | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.workers) and all(w.state == "ready" for w in self.workers)
+
+    @property
+    def idle(self) -> bool:
+        """No batch is waiting, filling or running: the generation can stop without failing a request."""
+        return not any(q.batches for q in self.batcher.queues.values()) and not any(w.in_flight for w in self.workers)
+
+
 class Supervisor:
-    """The workers of one server, all serving every configured model from one slot pool."""
+    """The workers of one server, all serving every model, fed from one slot pool.
+
+    ``model_paths``, ``workers``, ``pool`` and ``batcher`` are those of the serving generation;
+    look them up per request (they change when :meth:`replace_workers` switches generations).
+    """
 
     def __init__(self, config: Config, metrics: Metrics | None = None):
         self.config = config
         self.metrics = metrics or Metrics()
-        self.model_paths = config.model_paths()
-        self.workers: list[WorkerHandle] = []
-        self.pool = SlotPool(config.shm_slots_per_worker * config.worker_count(), config.shm_slot_bytes)
-        self.batcher = Batcher(
-            self.pool,
-            self.workers,
-            batch_max_size=config.batch_max_size,
-            batch_max_delay_s=config.batch_max_delay_s,
-            queue_max_size=config.queue_max_size,
+        count = config.worker_count()
+        pool = SlotPool(config.shm_slots_per_worker * count, config.shm_slot_bytes)
+        self._generation = Generation(config.model_paths(), count, pool, self._new_batcher)
+        self._live: list[Generation] = [self._generation]
+        self._next_index = 0
+        self._replacing = asyncio.Lock()
+        self._health_task: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def model_paths(self) -> dict[str, str]:
+        return self._generation.model_paths
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return self._generation.workers
+
+    @property
+    def pool(self) -> SlotPool:
+        return self._generation.pool
+
+    @property
+    def batcher(self) -> Batcher:
+        return self._generation.batcher
+
+    @property
+    def failure(self) -> str | None:
+        """Why the serving generation cannot serve (a model failed to load, a crash loop), or None."""
+        return self._generation.failure
+
+    def _new_batcher(self, pool: SlotPool, workers: list[WorkerHandle]) -> Batcher:
+        return Batcher(
+            pool,
+            workers,
+            batch_max_size=self.config.batch_max_size,
+            batch_max_delay_s=self.config.batch_max_delay_s,
+            queue_max_size=self.config.queue_max_size,
             on_batch=self.metrics.batch_done,
         )
-        self.failure: str | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._stopping = False
 
     def start(self) -> None:
         """Create the slot pool and begin starting the workers (readiness comes later)."""
         self.pool.create()
+        self._launch(self._generation)
+        self._health_task = asyncio.create_task(self._watch_health())
+
+    def _launch(self, generation: Generation) -> None:
         init = {
-            "models": self.model_paths,
+            "models": generation.model_paths,
             "cache_dir": self.config.cache_dir,
             "max_image_pixels": self.config.max_image_pixels,
             "log_level": self.config.log_level,
-            "shm_name": self.pool.name,
-            "slot_count": self.pool.slot_count,
-            "slot_bytes": self.pool.slot_bytes,
+            "shm_name": generation.pool.name,
+            "slot_count": generation.pool.slot_count,
+            "slot_bytes": generation.pool.slot_bytes,
             "batch_limit": self.config.batch_max_size,
             "heartbeat_s": self.config.worker_heartbeat_s,
         }
-        shares = split_cores(sorted(os.sched_getaffinity(0)), self.config.worker_count())
-        for index, cores in enumerate(shares):
-            handle = WorkerHandle(index, cores, init)
-            self.workers.append(handle)
-            self._tasks.append(asyncio.create_task(self._keep_running(handle)))
-        self._tasks.append(asyncio.create_task(self._watch_health()))
+        for cores in split_cores(sorted(os.sched_getaffinity(0)), generation.worker_count):
+            handle = WorkerHandle(self._next_index, cores, init)
+            self._next_index += 1
+            generation.workers.append(handle)
+            generation.tasks.append(asyncio.create_task(self._keep_running(generation, handle)))
 
-    async def _keep_running(self, handle: WorkerHandle) -> None:
+    async def _keep_running(self, generation: Generation, handle: WorkerHandle) -> None:
         backoff = BACKOFF_FIRST_S
         starts: list[float] = []
         while not self._stopping:
@@ -92,6 +156,7 @@ class Supervisor:
             starts = [t for t in starts if now - t < self.config.restart_window_s] + [now]
             if len(starts) > self.config.restart_max_count:
                 self._give_up(
+                    generation,
                     handle,
                     f"worker {handle.index} died {len(starts) - 1} times within "
                     f"{self.config.restart_window_s:.0f} s; not restarting it",
@@ -100,13 +165,13 @@ class Supervisor:
             try:
                 await handle.start(self.config.worker_start_timeout_s)
             except ModelLoadError as error:
-                self._give_up(handle, error.message)
+                self._give_up(generation, handle, error.message)
                 return
             log.info("worker %d (pid %s, cores %s) is ready", handle.index, handle.pid, handle.cores)
             for signature in handle.signatures.values():
-                self.batcher.add_model(signature)
+                generation.batcher.add_model(signature)
             self._count_ready()
-            self.batcher.pump()
+            generation.batcher.pump()
             code = await handle.wait_exit()
             self._count_ready()
             if self._stopping:
@@ -116,12 +181,12 @@ class Supervisor:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    def _give_up(self, handle: WorkerHandle, reason: str) -> None:
+    def _give_up(self, generation: Generation, handle: WorkerHandle, reason: str) -> None:
         handle.state = "failed"
-        self.failure = reason
+        generation.failure = reason
         log.error("%s", reason)
-        if not any(w.state in ("ready", "starting") for w in self.workers):
-            self.batcher.fail_all(ModelNotReady(reason))
+        if not any(w.state in ("ready", "starting") for w in generation.workers):
+            generation.batcher.fail_all(ModelNotReady(reason))
 
     def _count_ready(self) -> None:
         self.metrics.workers_ready.set(sum(w.state == "ready" for w in self.workers))
@@ -132,7 +197,7 @@ class Supervisor:
         while not self._stopping:
             await asyncio.sleep(beat_s)
             now = time.monotonic()
-            for worker in self.workers:
+            for worker in (w for generation in self._live for w in generation.workers):
                 if worker.state != "ready":
                     continue
                 oldest = worker.oldest_sent_s
@@ -150,7 +215,7 @@ class Supervisor:
     @property
     def ready(self) -> bool:
         """True once every worker is warm."""
-        return bool(self.workers) and all(w.state == "ready" for w in self.workers)
+        return self._generation.ready
 
     def health(self) -> dict:
         """What /ping and the management API say about the workers."""
@@ -173,12 +238,102 @@ class Supervisor:
             raise ModelNotReady(self.failure or f"no worker of model {model!r} is running; one is restarting")
         return queue.signature
 
+    async def replace_workers(
+        self, model_paths: Mapping[str, str] | None = None, worker_count: int | None = None
+    ) -> None:
+        """Serve ``model_paths`` with ``worker_count`` workers (None: as now), without failing a request.
+
+        New workers start beside the serving ones; once all are warm, new requests go to them and
+        the old workers drain (within ``shutdown_timeout_s``) and stop. If a new worker cannot
+        start, the new ones stop, the old ones go on serving, and this raises ModelLoadError.
+        Calls are serialized.
+        """
+        async with self._replacing:
+            await self._replace(
+                dict(self.model_paths if model_paths is None else model_paths),
+                self._generation.worker_count if worker_count is None else worker_count,
+            )
+
+    async def add_model(self, name: str, path: str) -> None:
+        """Start serving ``path`` as ``name`` (see :meth:`replace_workers`); FastInferError 409 if taken."""
+        async with self._replacing:
+            if name in self.model_paths:
+                raise FastInferError(f"a model named {name!r} is already served", code="model_exists", status=409)
+            await self._replace({**self.model_paths, name: path}, self._generation.worker_count)
+
+    async def remove_model(self, name: str) -> None:
+        """Stop serving ``name`` once its requests in flight are answered; ModelNotFound if unknown."""
+        async with self._replacing:
+            if name not in self.model_paths:
+                raise ModelNotFound(f"no model named {name!r}; served: {', '.join(sorted(self.model_paths))}")
+            await self._replace({k: v for k, v in self.model_paths.items() if k != name}, self._generation.worker_count)
+
+    async def _replace(self, model_paths: dict[str, str], worker_count: int) -> None:
+        if self._stopping:
+            raise FastInferError("the server is shutting down", code="shutting_down", status=503)
+        old = self._generation
+        slots = self.config.shm_slots_per_worker * worker_count
+        pool = old.pool
+        if pool.slot_count < slots:
+            pool = SlotPool(slots, self.config.shm_slot_bytes)
+            pool.create()
+        new = Generation(model_paths, worker_count, pool, self._new_batcher)
+        self._live.append(new)
+        self._launch(new)
+        try:
+            await self._wait_warm(new)
+        except BaseException:
+            await self._retire(new, drain=False)
+            raise
+        self._generation = new
+        self._count_ready()
+        log.info("switched to %d workers serving %s", worker_count, ", ".join(sorted(model_paths)) or "no model")
+        for model in old.model_paths.keys() - model_paths.keys():
+            with contextlib.suppress(KeyError):  # never measured
+                self.metrics.queue_depth.remove(model)
+        await self._retire(old, drain=True)
+
+    async def _wait_warm(self, generation: Generation) -> None:
+        async with asyncio.timeout(self.config.worker_start_timeout_s):
+            while not generation.ready:
+                if generation.failure:
+                    raise ModelLoadError(generation.failure)
+                if self._stopping:
+                    raise FastInferError("the server is shutting down", code="shutting_down", status=503)
+                await asyncio.sleep(0.05)
+
+    async def _retire(self, generation: Generation, *, drain: bool) -> None:
+        """Let the generation finish its batches (if ``drain``), stop its workers, free its pool."""
+        timeout_s = self.config.shutdown_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + timeout_s
+        while drain and not generation.idle and loop.time() < deadline_s and not self._stopping:
+            await asyncio.sleep(0.02)
+        for task in generation.tasks:
+            task.cancel()
+        await asyncio.gather(*generation.tasks, return_exceptions=True)
+        await asyncio.gather(*(w.stop(timeout_s) for w in generation.workers), return_exceptions=True)
+        generation.batcher.fail_all(ModelNotReady("the workers of this request were replaced; retry"))
+        if generation in self._live:
+            self._live.remove(generation)
+        if all(g.pool is not generation.pool for g in self._live):
+            pool = generation.pool
+            while pool.free_count < pool.slot_count and loop.time() < deadline_s:
+                await asyncio.sleep(0.02)  # replies still being written from their slots
+            pool.close()
+
     async def stop(self, timeout_s: float) -> None:
         """Stop every worker (killing those that overrun ``timeout_s``) and remove the shared memory."""
         self._stopping = True
-        for task in self._tasks:
+        tasks = [t for g in self._live for t in g.tasks]
+        if self._health_task is not None:
+            tasks.append(self._health_task)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(w.stop(timeout_s) for w in self.workers), return_exceptions=True)
-        self.batcher.fail_all(FastInferError("the server is shutting down", code="shutting_down", status=503))
-        self.pool.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        workers = [w for g in self._live for w in g.workers]
+        await asyncio.gather(*(w.stop(timeout_s) for w in workers), return_exceptions=True)
+        for generation in self._live:
+            generation.batcher.fail_all(FastInferError("the server is shutting down", code="shutting_down", status=503))
+        for pool in {id(g.pool): g.pool for g in self._live}.values():
+            pool.close()

@@ -1,4 +1,4 @@
-"""The HTTP apps: inference (``/predictions``, ``/ping``) and management (``/models``, ``/metrics``).
+"""The inference HTTP app: ``/predictions``, ``/ping``, and the KServe v2 routes of :mod:`.v2`.
 
 Handlers parse and copy bytes only: a body goes chunk by chunk straight into its row of a batch
 in shared memory, and everything heavier (decoding, numpy math) happens in the worker.
@@ -11,30 +11,51 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
+from aiohttp.typedefs import Middleware
 
 from fastinfer.config import Config
-from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
+from fastinfer.errors import BadRequest, FastInferError, ModelNotFound, PayloadTooLarge, RequestTimeout
+from fastinfer.server import kserve
+from fastinfer.server.access import AccessLog, bearer_auth, limit_connections
 from fastinfer.supervisor import Supervisor
 
 IMAGE_FIELDS = ("data", "input0")
 RETRY_AFTER_S = 1
 DEADLINE_HEADER = "X-Deadline-Ms"
+LINGER_MAX_S = 10.0
+MODEL_VERSION = "1"  # models have one version until archives carry theirs
+HEALTH_PATHS = ("/ping", "/v2/health/live", "/v2/health/ready")
 
 
 def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status, headers=headers)
 
 
+def _error(request: web.Request, status: int, code: str, message: str, headers: dict[str, str] | None) -> web.Response:
+    """KServe routes answer ``{"error"}``, which tritonclient shows; the others ``{"code", "message"}``."""
+    if request.path == "/v2" or request.path.startswith("/v2/"):
+        return web.json_response(kserve.error_body(message), status=status, headers=headers)
+    return json_error(status, code, message, headers)
+
+
+def check_version(model: str, version: str | None) -> None:
+    """ModelNotFound unless ``version`` is None or one the model has."""
+    if version is not None and version != MODEL_VERSION:
+        raise ModelNotFound(f"model {model!r} has no version {version!r}; it has version {MODEL_VERSION}")
+
+
 @web.middleware
 async def errors_as_json(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every error, ours or aiohttp's, leaves as ``{"code", "message"}`` with its HTTP status."""
+    """Every error, ours or aiohttp's, leaves as JSON (see ``_error``) with its HTTP status."""
     try:
         return await handler(request)
     except FastInferError as error:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
-        return json_error(error.status, error.code, error.message, headers)
+        if error.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return _error(request, error.status, error.code, error.message, headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -44,7 +65,7 @@ async def errors_as_json(
             message = f"{request.method} is not allowed on {request.path}"
         elif error.status == 404:
             message = f"no route {request.path}"
-        return json_error(error.status, code, message, {k: v for k, v in error.headers.items() if k == "Allow"})
+        return _error(request, error.status, code, message, {k: v for k, v in error.headers.items() if k == "Allow"})
 
 
 async def _copy_stream(
@@ -59,8 +80,21 @@ async def _copy_stream(
     return received
 
 
-async def read_body_into(request: web.Request, view: memoryview, too_long: Callable[[], FastInferError]) -> int:
-    """Copy the payload (raw body, or the ``data``/``input0`` field of a form) into ``view``."""
+async def read_body_into(
+    request: web.Request, view: memoryview, too_long: Callable[[], FastInferError], timeout_s: float
+) -> int:
+    """Copy the payload (raw body, or the ``data``/``input0`` field of a form) into ``view``.
+
+    A client that has not sent it all within ``timeout_s`` gets RequestTimeout (408).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body_into(request, view, too_long)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
+
+
+async def _read_body_into(request: web.Request, view: memoryview, too_long: Callable[[], FastInferError]) -> int:
     if request.content_type.startswith("multipart/"):
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
@@ -102,6 +136,7 @@ class InferenceRoutes:
 
     async def predict(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
+        check_version(model, request.match_info.get("version"))
         started = time.perf_counter()
         code = "ok"
         self.metrics.in_flight.labels("http").inc()
@@ -128,13 +163,19 @@ class InferenceRoutes:
                 if signature.takes_images:
                     body = view[:limit]
                     nbytes = await read_body_into(
-                        request, body, lambda: PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+                        request,
+                        body,
+                        lambda: PayloadTooLarge(f"the body is over the limit of {limit} bytes"),
+                        self.config.body_timeout_s,
                     )
                     body.release()
                 else:
                     sample = len(view)
                     nbytes = await read_body_into(
-                        request, view, lambda: BadRequest(f"the body is longer than the {sample} bytes the model takes")
+                        request,
+                        view,
+                        lambda: BadRequest(f"the body is longer than the {sample} bytes the model takes"),
+                        self.config.body_timeout_s,
                     )
             finally:
                 view.release()
@@ -151,27 +192,38 @@ class InferenceRoutes:
             row.release()
 
 
-def inference_app(supervisor: Supervisor, config: Config) -> web.Application:
+def inference_app(supervisor: Supervisor, config: Config, access: AccessLog | None = None) -> web.Application:
+    """``/ping``, ``/predictions/{model}[/{version}]`` and the KServe v2 routes, behind the port's guards."""
+    from fastinfer.server import v2
+
+    middlewares: list[Middleware] = [access.middleware] if access is not None else []
+    middlewares.append(errors_as_json)
+    if config.inference_token:
+        middlewares.append(bearer_auth(config.inference_token, HEALTH_PATHS))
     routes = InferenceRoutes(supervisor, config)
-    app = web.Application(middlewares=[errors_as_json])
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app.router.add_get("/ping", routes.ping)
     app.router.add_post("/predictions/{model}", routes.predict)
+    app.router.add_post("/predictions/{model}/{version}", routes.predict)
+    v2.add_routes(app, supervisor, config)
     return app
 
 
-def management_app(supervisor: Supervisor) -> web.Application:
-    async def list_models(request: web.Request) -> web.Response:
-        return web.json_response({"models": [{"modelName": name} for name in sorted(supervisor.model_paths)]})
+def runner_for(app: web.Application, config: Config) -> web.AppRunner:
+    """A runner with the configured limits: header and idle timeout, header sizes, shutdown time."""
+    return web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=config.shutdown_timeout_s,
+        keepalive_timeout=config.header_timeout_s,
+        # After an early answer (408, 413) the rest of the body is read and dropped, for a while.
+        lingering_time=min(config.body_timeout_s, LINGER_MAX_S),
+    )
 
-    async def describe_model(request: web.Request) -> web.Response:
-        signature = supervisor.signature(request.match_info["model"])
-        return web.json_response({**signature.to_dict(), **supervisor.health()})
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=supervisor.metrics.exposition(), content_type="text/plain", charset="utf-8")
-
-    app = web.Application(middlewares=[errors_as_json])
-    app.router.add_get("/models", list_models)
-    app.router.add_get("/models/{model}", describe_model)
-    app.router.add_get("/metrics", metrics)
-    return app
+async def start_runner(runner: web.AppRunner, host: str, port: int, max_connections: int) -> None:
+    """Set the runner up, cap its connections and listen on ``host:port``."""
+    await runner.setup()
+    assert runner.server is not None
+    limit_connections(runner.server, max_connections)
+    await web.TCPSite(runner, host, port).start()

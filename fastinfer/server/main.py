@@ -13,7 +13,10 @@ import signal
 from aiohttp import web
 
 from fastinfer.config import Config
-from fastinfer.server.http import inference_app, management_app
+from fastinfer.server.access import AccessLog
+from fastinfer.server.binary import BinaryServer
+from fastinfer.server.http import inference_app, runner_for, start_runner
+from fastinfer.server.management import management_app
 from fastinfer.supervisor import Supervisor
 
 log = logging.getLogger("fastinfer")
@@ -28,21 +31,26 @@ class Server:
         self.config = config
         self.supervisor = Supervisor(config)
         self._runners: list[web.AppRunner] = []
+        self.binary = BinaryServer(self.supervisor, config)
+        self.access_log = AccessLog()
 
     async def start(self) -> None:
         self.supervisor.start()
+        self.access_log.start()
         try:
-            await self._listen(inference_app(self.supervisor, self.config), self.config.host, self.config.http_port)
-            await self._listen(management_app(self.supervisor), MANAGEMENT_HOST, self.config.management_port)
+            inference = inference_app(self.supervisor, self.config, self.access_log)
+            await self._listen(inference, self.config.host, self.config.http_port)
+            management = management_app(self.supervisor, self.config, self.access_log)
+            await self._listen(management, MANAGEMENT_HOST, self.config.management_port)
+            await self.binary.start()
         except BaseException:
             await self.stop()
             raise
 
     async def _listen(self, app: web.Application, host: str, port: int) -> None:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.shutdown_timeout_s)
+        runner = runner_for(app, self.config)
         self._runners.append(runner)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await start_runner(runner, host, port, self.config.max_connections)
 
     @property
     def http_port(self) -> int:
@@ -61,10 +69,12 @@ class Server:
                 await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        for runner in self._runners:
-            await runner.cleanup()  # stops accepting, waits for in-flight handlers
+        """Stop accepting; let requests in flight finish (within the timeout); stop the workers."""
+        timeout_s = self.config.shutdown_timeout_s
+        await asyncio.gather(self.binary.stop(timeout_s), *(runner.cleanup() for runner in self._runners))
         self._runners.clear()
         await self.supervisor.stop(self.config.shutdown_timeout_s)
+        self.access_log.stop()
 
 
 async def serve(config: Config) -> None:
@@ -76,12 +86,14 @@ async def serve(config: Config) -> None:
     server = Server(config)
     await server.start()
     log.info(
-        "serving %s: http://%s:%d, management http://%s:%d",
+        "serving %s: http://%s:%d, management http://%s:%d, binary tcp://%s:%d",
         ", ".join(sorted(server.supervisor.model_paths)),
         config.host,
         server.http_port,
         MANAGEMENT_HOST,
         server.management_port,
+        config.host,
+        server.binary.port,
     )
     ready = asyncio.create_task(_announce_ready(server))
     await stop.wait()

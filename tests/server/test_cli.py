@@ -26,6 +26,8 @@ def start_server(tmp_path):
             "0",
             "--management-port",
             "0",
+            "--binary-port",
+            "0",
             "--cache-dir",
             str(tmp_path),
         ],

@@ -26,6 +26,7 @@ async def server(tmp_path):
     config = Config(
         models=MODELS,
         http_port=0,
+        binary_port=0,
         management_port=0,
         cache_dir=str(tmp_path),
         shm_slot_bytes=1 << 20,

@@ -1,0 +1,138 @@
+"""Who may use an HTTP port, how many at once, and the record of what they did.
+
+- Bearer tokens: a port with a token answers 401 to a request without ``Authorization: Bearer
+  <token>`` (health checks excepted). Tokens are compared in constant time and never logged.
+- Connections: past ``max_connections`` open connections a new one gets a 503 and is closed.
+- The access log: one line per request (method, path, model, status, latency, bytes in and out).
+  The request only puts a tuple on a bounded queue; a thread formats and writes the lines, so a
+  slow log never slows a request. Lines past the bound are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from fastinfer.errors import Unauthorized
+
+access_log = logging.getLogger("fastinfer.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACCESS_LOG_QUEUE_SIZE = 10_000
+REFUSAL_BODY = b'{"code": "too_many_connections", "message": "the server has too many open connections; retry"}'
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(REFUSAL_BODY)).encode() + b"\r\n\r\n" + REFUSAL_BODY
+)
+
+
+def bearer_auth(token: str, exempt_paths: Collection[str] = ()) -> Middleware:
+    """A middleware that requires ``Authorization: Bearer <token>`` on every path but ``exempt_paths``."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in exempt_paths:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise Unauthorized("this port needs an Authorization: Bearer token, and that one is not it")
+        return await handler(request)
+
+    return check_token
+
+
+def limit_connections(server: web.Server, max_connections: int) -> None:
+    """Answer 503 and close each connection past ``max_connections`` open ones on ``server``.
+
+    Counted in ``connection_made``, where aiohttp registers each connection, so a burst of
+    accepts cannot slip past the limit.
+    """
+    register = server.connection_made
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        register(handler, transport)
+        if len(server.connections) > max_connections:
+            transport.write(REFUSAL)
+            # After aiohttp has started the connection's task, which expects it open; the
+            # transport closes once REFUSAL is flushed.
+            asyncio.get_running_loop().call_soon(handler.force_close)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+
+
+class AccessLog:
+    """Access-log lines queued by the event loop and written by a thread of their own."""
+
+    def __init__(self, logger: logging.Logger = access_log, max_queued: int = ACCESS_LOG_QUEUE_SIZE):
+        self.logger = logger
+        self.dropped = 0
+        self._queue: queue.Queue[tuple | None] = queue.Queue(max_queued)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._write, name="fastinfer-access-log", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+        self._thread = None
+
+    def record(
+        self, method: str, path: str, model: str, status: int, latency_s: float, in_bytes: int, out_bytes: int
+    ) -> None:
+        try:
+            self._queue.put_nowait((method, path, model, status, latency_s, in_bytes, out_bytes))
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self) -> None:
+        while (line := self._queue.get()) is not None:
+            method, path, model, status, latency_s, in_bytes, out_bytes = line
+            self.logger.info(
+                "%s %s model=%s status=%d latency_ms=%.2f in=%d out=%d",
+                method,
+                path,
+                model or "-",
+                status,
+                latency_s * 1000,
+                in_bytes,
+                out_bytes,
+            )
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Record every request, whatever its outcome (an escaping exception counts as 500)."""
+        started = time.perf_counter()
+        status, out_bytes = 500, 0
+        try:
+            response = await handler(request)
+            status = response.status
+            out_bytes = response.content_length or 0
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            # request.path, never the query string or headers: those may hold secrets.
+            self.record(
+                request.method,
+                request.path,
+                request.match_info.get("model", ""),
+                status,
+                time.perf_counter() - started,
+                request.content_length or 0,
+                out_bytes,
+            )

@@ -1,0 +1,342 @@
+"""The binary protocol listener: an ``asyncio.BufferedProtocol`` over the sans-IO codec.
+
+The socket reads straight into memory the decoder names, and for a one-sample request the
+decoder names the request's row in a batch slot, or its image slot: tensor bytes go from the
+kernel into shared memory with no copy in Python. Other requests (several samples, several
+inputs) are received into an aligned buffer and copied into their rows once.
+
+Replies are written from views of the batch slot; a row is released only once the transport has
+handed those bytes to the kernel (a write-buffer high-water mark of 0 tells us when).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+
+from fastinfer.batcher import Row
+from fastinfer.config import Config
+from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
+from fastinfer.protocol import (
+    SUPPORTED_VERSIONS,
+    FrameDecoder,
+    FrameHead,
+    FrameRejected,
+    FrameType,
+    PayloadComplete,
+    Request,
+    StreamError,
+    aligned_buffer,
+    encode_frame,
+    error_envelope,
+    pack_tensors,
+)
+from fastinfer.signature import ModelSignature
+from fastinfer.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+PAUSE_AFTER_REQUESTS = 256  # per connection: stop reading past this many requests in flight
+JOIN_BELOW_BYTES = 64 << 10  # replies this small are copied into one write: a syscall costs more
+
+
+@dataclass
+class Receiving:
+    """A request whose header is in and whose payload is on its way."""
+
+    rows: list[Row]
+    request: Request
+    started: float
+    direct: bool  # the payload goes straight into shared memory
+
+
+class BinaryProtocol(asyncio.BufferedProtocol):
+    """One client connection."""
+
+    def __init__(self, supervisor: Supervisor, config: Config, connections: set[BinaryProtocol]):
+        self.supervisor = supervisor
+        self.config = config
+        self._connections = connections
+        self.decoder = FrameDecoder(max_payload_bytes=config.max_body_bytes)
+        self.transport: asyncio.Transport | None = None
+        self._receiving: dict[int, Receiving] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._paused = False
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.transport.set_write_buffer_limits(high=0)  # pause_writing() whenever bytes are left buffered
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        for receiving in self._receiving.values():
+            for row in receiving.rows:
+                row.release()
+        self._receiving.clear()
+        for task in self.tasks:
+            task.cancel()
+        self._drained.set()
+
+    def pause_writing(self) -> None:
+        self._drained.clear()
+
+    def resume_writing(self) -> None:
+        self._drained.set()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = deque(self.decoder.buffer_updated(nbytes))
+        except StreamError as error:
+            for event in error.events:
+                self._handle(event, deque())
+            extra = {"versions": list(SUPPORTED_VERSIONS)} if error.code == "unsupported_version" else {}
+            self._send(FrameType.ERROR, 0, error_envelope(error.code, error.message, error.status, **extra))
+            assert self.transport is not None
+            self.transport.close()
+            return
+        while events:
+            self._handle(events.popleft(), events)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too; replies still in flight are dropped with the connection
+
+    # frames
+
+    def _handle(self, event: Any, events: deque) -> None:
+        if event is self.decoder.undecided:
+            events.extend(self._place_payload(event))
+        elif isinstance(event, FrameRejected):
+            self._send_error(event.request_id, event.error)
+        elif isinstance(event, PayloadComplete):
+            self._complete(event)
+
+    def _complete(self, event: PayloadComplete) -> None:
+        head = event.head
+        if head.frame_type == FrameType.PING:
+            self._send(FrameType.PONG, head.request_id, {})
+        elif head.frame_type == FrameType.HELLO:
+            hello = {
+                "versions": list(SUPPORTED_VERSIONS),
+                "agent": "fastinfer",
+                "max_envelope_bytes": self.decoder.max_envelope_bytes,
+                "max_payload_bytes": self.decoder.max_payload_bytes,
+            }
+            self._send(FrameType.HELLO, head.request_id, hello)
+        elif head.frame_type == FrameType.REQUEST:
+            self._request_received(head, event.payload)
+        elif head.frame_type in (FrameType.RESPONSE, FrameType.PONG):
+            self._send_error(head.request_id, BadRequest("a client does not send RESPONSE or PONG frames"))
+
+    def _place_payload(self, head: FrameHead) -> list:
+        """Reserve the request's rows and say where its payload goes."""
+        if head.frame_type != FrameType.REQUEST or not isinstance(head.message, Request):
+            return self.decoder.discard_payload()
+        request = head.message
+        try:
+            signature = self.supervisor.signature(request.model)
+            rows = self._reserve(signature, request)
+        except FastInferError as error:
+            self._send_error(head.request_id, error)
+            return self.decoder.discard_payload()
+        target = rows[0].payload_view()
+        if request.image is not None:
+            direct = request.image.offset == 0 and head.payload_length <= len(target)
+        else:
+            direct = len(rows) == 1 and len(request.inputs) == 1 and head.payload_length == len(target)
+        self._receiving[head.request_id] = Receiving(rows, request, time.perf_counter(), direct)
+        if direct:
+            return self.decoder.set_payload_buffer(target)
+        target.release()
+        return self.decoder.set_payload_buffer(aligned_buffer(head.payload_length))
+
+    def _reserve(self, signature: ModelSignature, request: Request) -> list[Row]:
+        if signature.takes_images != (request.image is not None):
+            kind = "an encoded image" if signature.takes_images else "tensors"
+            raise BadRequest(f"model {signature.name} takes {kind}")
+        count = 1 if request.image is not None else _batch_of(signature, request)
+        timeout_s = request.timeout_ms / 1000 if request.timeout_ms else self.config.request_timeout_s
+        deadline_s = asyncio.get_running_loop().time() + timeout_s
+        rows: list[Row] = []
+        try:
+            for _ in range(count):
+                rows.append(self.supervisor.batcher.reserve(signature.name, deadline_s))
+        except FastInferError:
+            for row in rows:
+                row.release()
+            raise
+        return rows
+
+    def _request_received(self, head: FrameHead, payload: memoryview | None) -> None:
+        receiving = self._receiving.pop(head.request_id, None)
+        if receiving is None:
+            return  # refused when its header came; already answered
+        rows, request, started = receiving.rows, receiving.request, receiving.started
+        try:
+            if payload is None:
+                raise BadRequest("the request's payload was not received")
+            if not receiving.direct:
+                _copy_into_rows(rows, request, payload)
+            _mark_filled(rows, request)
+        except FastInferError as error:
+            for row in rows:
+                row.release()
+            self._send_error(head.request_id, error)
+            return
+        task = asyncio.create_task(self._answer(head.request_id, rows, request, started))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if len(self.tasks) >= PAUSE_AFTER_REQUESTS and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    async def _answer(self, request_id: int, rows: list[Row], request: Request, started: float) -> None:
+        code = "ok"
+        model = request.model
+        try:
+            results = [await row.result() for row in rows]
+            signature = rows[0].batch.queue.signature
+            envelope: dict[str, Any] = {"model": model}
+            if results[0].classes is not None:
+                envelope["classes"] = results[0].classes
+            wanted = set(request.outputs) if request.outputs is not None else None
+            outputs = {}
+            for index, spec in enumerate(signature.outputs):
+                if wanted is None or spec.name in wanted:
+                    if len(results) == 1:
+                        outputs[spec.name] = results[0].outputs[index][np.newaxis]
+                    else:
+                        outputs[spec.name] = np.stack([r.outputs[index] for r in results])
+            descriptors, parts = pack_tensors(outputs)
+            envelope["outputs"] = descriptors
+            self._send(FrameType.RESPONSE, request_id, envelope, parts)
+            del results, outputs, parts
+            await self._drained.wait()
+        except FastInferError as error:
+            code = error.code
+            self._send_error(request_id, error)
+        finally:
+            for row in rows:
+                row.release()
+            metrics = self.supervisor.metrics
+            metrics.requests.labels(model, "binary", code).inc()
+            metrics.request_latency.labels(model, "binary").observe(time.perf_counter() - started)
+            if self._paused and len(self.tasks) <= PAUSE_AFTER_REQUESTS // 2 and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+
+    def _send(self, frame_type: FrameType, request_id: int, envelope: dict | None, parts: Any = ()) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        buffers = encode_frame(frame_type, request_id, envelope, parts)
+        if sum(len(b) for b in buffers) <= JOIN_BELOW_BYTES:
+            self.transport.write(b"".join(buffers))  # one segment, one wake-up for the client
+        else:
+            self.transport.writelines(buffers)
+
+    def _send_error(self, request_id: int, error: FastInferError) -> None:
+        self._send(FrameType.ERROR, request_id, error_envelope(error.code, error.message, error.status))
+
+
+def _batch_of(signature: ModelSignature, request: Request) -> int:
+    """The request's batch size, once its tensors are checked against the model's inputs."""
+    given = {spec.name: spec for spec in request.inputs}
+    expected = {spec.name for spec in signature.inputs}
+    if set(given) != expected:
+        raise BadRequest(f"model {signature.name} takes inputs {sorted(expected)}; the request has {sorted(given)}")
+    counts = set()
+    for spec in signature.inputs:
+        tensor = given[spec.name]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape[1:]) != spec.shape or not tensor.shape:
+            raise BadRequest(
+                f"input {spec.name!r} is {spec.dtype} [N, {', '.join(map(str, spec.shape))}]; "
+                f"the request has {tensor.dtype} {list(tensor.shape)}"
+            )
+        counts.add(tensor.shape[0])
+    if len(counts) != 1 or min(counts) < 1:
+        raise BadRequest("the inputs must agree on a batch size of at least 1")
+    return counts.pop()
+
+
+def _copy_into_rows(rows: list[Row], request: Request, payload: memoryview) -> None:
+    """Copy each sample of a payload received outside shared memory into its row."""
+    if request.image is not None:
+        image = request.image
+        target = rows[0].payload_view()
+        try:
+            if image.nbytes > len(target):
+                raise PayloadTooLarge(f"the image is {image.nbytes} bytes; a slot holds {len(target)}")
+            target[: image.nbytes] = payload[image.offset : image.offset + image.nbytes]
+        finally:
+            target.release()
+        return
+    for index, tensor in enumerate(request.inputs):
+        sample_bytes = tensor.nbytes // len(rows)
+        for number, row in enumerate(rows):
+            start = tensor.offset + number * sample_bytes
+            target = row.input_view(index)
+            target[:] = payload[start : start + sample_bytes]
+            target.release()
+
+
+def _mark_filled(rows: list[Row], request: Request) -> None:
+    if request.image is not None:
+        rows[0].filled(request.image.nbytes)
+        return
+    sample_total = sum(math.prod(t.shape[1:]) * np.dtype(t.dtype).itemsize for t in request.inputs)
+    for row in rows:
+        row.filled(sample_total)
+
+
+class BinaryServer:
+    """The TCP listener (and the Unix-socket one, when configured) and their connections."""
+
+    def __init__(self, supervisor: Supervisor, config: Config):
+        self.supervisor = supervisor
+        self.config = config
+        self.connections: set[BinaryProtocol] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    def _connect(self) -> BinaryProtocol:
+        protocol = BinaryProtocol(self.supervisor, self.config, self.connections)
+        self.connections.add(protocol)
+        return protocol
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._servers.append(await loop.create_server(self._connect, self.config.host, self.config.binary_port))
+        if self.config.binary_socket:
+            self._servers.append(await loop.create_unix_server(self._connect, self.config.binary_socket))
+
+    @property
+    def port(self) -> int:
+        return self._servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop accepting, give requests in flight ``timeout_s`` to be answered, then close."""
+        for server in self._servers:
+            server.close()
+        tasks = [task for connection in self.connections for task in connection.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        for connection in list(self.connections):
+            connection.close()
+        for server in self._servers:
+            await server.wait_closed()

@@ -1,0 +1,155 @@
+"""The KServe v2 (Open Inference Protocol) routes: aiohttp glue around the sans-IO :mod:`.kserve` codec.
+
+An infer request whose batch dimension is N takes N rows of its model's batches, one per sample,
+so its samples batch with other requests' like any other; the outputs are stacked back in order.
+Image models take encoded images, which KServe's numeric tensors cannot carry: they answer 400
+and point to ``/predictions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from aiohttp import web
+
+from fastinfer import __version__
+from fastinfer.batcher import Row
+from fastinfer.config import Config
+from fastinfer.errors import BadRequest, FastInferError, RequestTimeout
+from fastinfer.server import kserve
+from fastinfer.server.http import MODEL_VERSION, RETRY_AFTER_S, check_version, deadline_from
+from fastinfer.signature import ModelSignature, TensorSpec
+from fastinfer.supervisor import Supervisor
+
+PLATFORM = "fastinfer_tvm"
+PROTOCOL = "v2"
+
+
+class V2Routes:
+    """Handlers of the ``/v2`` routes for one server."""
+
+    def __init__(self, supervisor: Supervisor, config: Config):
+        self.supervisor = supervisor
+        self.config = config
+        self.metrics = supervisor.metrics
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(kserve.server_metadata(__version__))
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self.supervisor.ready
+        headers = None if ready else {"Retry-After": str(RETRY_AFTER_S)}
+        return web.json_response({"ready": ready}, status=200 if ready else 503, headers=headers)
+
+    def _signature(self, request: web.Request) -> ModelSignature:
+        model = request.match_info["model"]
+        check_version(model, request.match_info.get("version"))
+        return self.supervisor.signature(model)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        signature = self._signature(request)
+        max_batch = self.supervisor.batcher.queues[signature.name].max_batch
+        document = kserve.model_metadata(
+            signature.name,
+            [MODEL_VERSION],
+            PLATFORM,
+            batched(signature.inputs, max_batch),
+            batched(signature.outputs, max_batch),
+            max_batch,
+        )
+        return web.json_response(document)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._signature(request)  # 404 if unknown, 503 if not ready
+        return web.json_response({"name": request.match_info["model"], "ready": True})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        started = time.perf_counter()
+        code = "ok"
+        self.metrics.in_flight.labels(PROTOCOL).inc()
+        try:
+            return await self._infer(request)
+        except FastInferError as error:
+            code = error.code
+            raise
+        except web.HTTPException as error:
+            code = error.reason.lower().replace(" ", "_")
+            raise
+        finally:
+            self.metrics.in_flight.labels(PROTOCOL).dec()
+            if model in self.supervisor.model_paths:
+                self.metrics.requests.labels(model, PROTOCOL, code).inc()
+                self.metrics.request_latency.labels(model, PROTOCOL).observe(time.perf_counter() - started)
+
+    async def _infer(self, request: web.Request) -> web.Response:
+        signature = self._signature(request)
+        if signature.takes_images:
+            raise BadRequest(
+                f"model {signature.name!r} takes encoded images, not tensors: POST the image to "
+                f"/predictions/{signature.name}"
+            )
+        header_length = kserve.parse_header_length(request.headers.get(kserve.HEADER_LENGTH))
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                body = await request.read()  # 413 past client_max_size
+        except TimeoutError:
+            raise RequestTimeout(f"the body did not arrive within {self.config.body_timeout_s:g} s") from None
+        parsed = kserve.parse_infer_request(body, header_length)
+
+        # The body is read: look the model up again, in case its workers were replaced meanwhile.
+        signature = self._signature(request)
+        batcher = self.supervisor.batcher
+        max_batch = batcher.queues[signature.name].max_batch
+        kserve.validate_inputs(parsed, batched(signature.inputs, max_batch), max_batch)
+        kserve.validate_outputs(parsed, signature.outputs)
+        tensors = {tensor.name: tensor for tensor in parsed.inputs}
+        samples = parsed.inputs[0].shape[0] if parsed.inputs else 1
+        deadline_s = deadline_from(request, self.config.request_timeout_s)
+
+        rows: list[Row] = []
+        try:
+            for _ in range(samples):
+                rows.append(batcher.reserve(signature.name, deadline_s))
+            for k, spec in enumerate(signature.inputs):
+                data = tensors[spec.name].raw_bytes()
+                for i, row in enumerate(rows):
+                    with row.input_view(k) as view:
+                        view[:] = data[i * spec.nbytes : (i + 1) * spec.nbytes]
+            sample_bytes = sum(spec.nbytes for spec in signature.inputs)
+            for row in rows:
+                row.filled(sample_bytes)
+            results = await asyncio.gather(*(row.result() for row in rows))
+            outputs = [
+                (spec.name, np.stack([result.outputs[j] for result in results]))
+                for j, spec in enumerate(signature.outputs)
+            ]
+        finally:
+            for row in rows:
+                row.release()
+        headers, parts = kserve.build_infer_response(
+            signature.name, MODEL_VERSION, parsed.id, outputs, parsed.outputs, parsed.binary_data_output
+        )
+        return web.Response(body=b"".join(parts), headers=headers)
+
+
+def batched(specs: tuple[TensorSpec, ...], max_batch: int) -> list[TensorSpec]:
+    """Per-sample specs with the batch axis put in front, as KServe shows and checks them."""
+    return [TensorSpec(spec.name, spec.dtype, (max_batch, *spec.shape)) for spec in specs]
+
+
+def add_routes(app: web.Application, supervisor: Supervisor, config: Config) -> None:
+    """Add the ``/v2`` routes to ``app``."""
+    routes = V2Routes(supervisor, config)
+    app.router.add_get("/v2", routes.server_metadata)
+    app.router.add_get("/v2/health/live", routes.live)
+    app.router.add_get("/v2/health/ready", routes.ready)
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.router.add_get(prefix, routes.model_metadata)
+        app.router.add_get(prefix + "/ready", routes.model_ready)
+        app.router.add_post(prefix + "/infer", routes.infer)
