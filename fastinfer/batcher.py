@@ -59,7 +59,14 @@ class Row:
         self.state = FILLING
         self.nbytes = 0
         self.released = False
-        self.future: asyncio.Future[RowResult] = asyncio.get_running_loop().create_future()
+        batcher = batch.queue.batcher
+        self.future: asyncio.Future[RowResult] = batcher.loop.create_future()
+        self._timer = batcher.loop.call_later(max(0.0, deadline_s - batcher.now()), self._expire)
+
+    def _expire(self) -> None:
+        if not self.future.done():
+            self.future.set_exception(DeadlineExceeded("the request's deadline passed before its result was ready"))
+            self._give_up()
 
     def payload_view(self) -> memoryview:
         """Where the request's payload goes: its tensor row, or its image slot."""
@@ -88,18 +95,15 @@ class Row:
             self.batch.queue.batcher.pump()
 
     async def result(self) -> RowResult:
-        """Wait for this request's outputs, until its deadline."""
-        remaining_s = self.deadline_s - self.batch.queue.batcher.now()
-        try:
-            return await asyncio.wait_for(asyncio.shield(self.future), remaining_s)
-        except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed before its result was ready") from None
+        """Wait for this request's outputs; DeadlineExceeded once its deadline passes."""
+        return await self.future
 
     def release(self) -> None:
         """The request is done with its row (answered, failed or abandoned)."""
         if self.released:
             return
         self.released = True
+        self._timer.cancel()
         self._give_up()
         self.batch.row_released()
 
@@ -145,6 +149,7 @@ class Batch:
         layout = self.queue.layout
         batch_error = error or (FastInferError.from_dict(reply["error"]) if reply and "error" in reply else None)
         for row in self.rows:
+            row._timer.cancel()
             if row.future.done() or row.state == VOID:
                 continue
             if batch_error is not None:
@@ -224,9 +229,16 @@ class Batcher:
         self._on_batch = on_batch
         self.queues: dict[str, ModelQueue] = {}
         self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:  # looked up once: get_running_loop() costs a getpid() syscall
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def now(self) -> float:
-        return self._clock() if self._clock else asyncio.get_running_loop().time()
+        return self._clock() if self._clock else self.loop.time()
 
     def add_model(self, signature: ModelSignature) -> None:
         if signature.name in self.queues:
@@ -263,8 +275,7 @@ class Batcher:
     def _arm_timer(self, queue: ModelQueue, at_s: float) -> None:
         if queue.timer is not None:
             queue.timer.cancel()
-        loop = asyncio.get_running_loop()
-        queue.timer = loop.call_later(max(0.0, at_s - self.now()), self._timer_fired, queue)
+        queue.timer = self.loop.call_later(max(0.0, at_s - self.now()), self._timer_fired, queue)
 
     def _timer_fired(self, queue: ModelQueue) -> None:
         queue.timer = None

@@ -1,8 +1,10 @@
 """``fastinfer bench``: a closed-loop load generator for the HTTP API and the binary protocol.
 
-``concurrency`` clients each send a request, wait for its answer, and send the next, for
-``duration_s`` (after a short warm-up that is not counted). It prints throughput and latency
-percentiles. Imports no server code: it measures a server from the outside, like a client would.
+``concurrency`` connections each send a request, wait for its answer, and send the next, for
+``duration_s`` after a warm-up that is not counted; it prints throughput and latency
+percentiles. The clients are lean on purpose (requests encoded once, replies parsed only as far
+as needed) so that on a small machine the load generator costs little next to the server it
+measures, as wrk does for HTTP. It imports no server code.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+
+from fastinfer.protocol import HEADER, FrameType, encode_frame, pack_tensors
 
 WARM_UP_S = 1.0
 
@@ -40,33 +44,108 @@ class BenchResult:
         )
 
 
-def _payload(image: Path | None, shape: tuple[int, ...], dtype: str) -> tuple[bytes, np.ndarray | None]:
-    if image is not None:
-        return image.read_bytes(), None
-    array = np.random.default_rng(0).random(shape).astype(dtype)
-    return array.tobytes(), array
+class _Recorder:
+    """Latencies of answers that arrive inside the measured window."""
+
+    def __init__(self, start_s: float, stop_s: float):
+        self.start_s = start_s
+        self.stop_s = stop_s
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    def record(self, sent_s: float, ok: bool) -> bool:
+        """Count one answer; False once the window is over (stop sending)."""
+        now = time.perf_counter()
+        if sent_s >= self.start_s:
+            if ok:
+                self.latencies.append(now - sent_s)
+            else:
+                self.errors += 1
+        return now < self.stop_s
 
 
-async def _closed_loop(send, concurrency: int, duration_s: float) -> tuple[list[float], int, float]:
-    latencies: list[float] = []
-    errors = 0
-    loop = asyncio.get_running_loop()
-    start_counting = loop.time() + WARM_UP_S
-    stop_at = start_counting + duration_s
+class _Connection(asyncio.Protocol):
+    """One closed-loop client: sends ``request``, waits for a full reply, sends again."""
 
-    async def client() -> None:
-        nonlocal errors
-        while (now := loop.time()) < stop_at:
-            started = time.perf_counter()
-            ok = await send()
-            if now >= start_counting:
-                if ok:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors += 1
+    def __init__(self, request: bytes, recorder: _Recorder, done: asyncio.Future):
+        self.request = request
+        self.recorder = recorder
+        self.done = done
+        self.buffer = bytearray()
+        self.sent_s = 0.0
+        self.transport: asyncio.Transport | None = None
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies, errors, duration_s
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._send()
+
+    def _send(self) -> None:
+        self.sent_s = time.perf_counter()
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (reply := self.take_reply()) is not None:
+            if not self.recorder.record(self.sent_s, reply):
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self._send()
+
+    def take_reply(self) -> bool | None:
+        """Remove one complete reply from the buffer: True if it succeeded; None if incomplete."""
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class _BinaryConnection(_Connection):
+    def take_reply(self) -> bool | None:
+        if len(self.buffer) < HEADER.size:
+            return None
+        _, _, frame_type, _, _, envelope_length, payload_length = HEADER.unpack_from(self.buffer)
+        end = HEADER.size + envelope_length + payload_length
+        if len(self.buffer) < end:
+            return None
+        del self.buffer[:end]
+        return frame_type == FrameType.RESPONSE
+
+
+class _HttpConnection(_Connection):
+    def take_reply(self) -> bool | None:
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return None
+        length = 0
+        for line in bytes(self.buffer[:head_end]).split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        end = head_end + 4 + length
+        if len(self.buffer) < end:
+            return None
+        ok = self.buffer.startswith(b"HTTP/1.1 200")
+        del self.buffer[:end]
+        return ok
+
+
+def _request_bytes(scheme: str, host: str, model: str, body: bytes, array: np.ndarray | None, input_name: str) -> bytes:
+    if scheme == "http":
+        head = (
+            f"POST /predictions/{model} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+    if array is None:
+        envelope = {"model": model, "image": {"offset": 0, "nbytes": len(body)}}
+        parts: list = [body]
+    else:
+        descriptors, parts = pack_tensors({input_name: array})
+        envelope = {"model": model, "inputs": descriptors}
+    return b"".join(bytes(part) for part in encode_frame(FrameType.REQUEST, 1, envelope, parts))
 
 
 async def bench(
@@ -81,59 +160,39 @@ async def bench(
     input_name: str = "input",
 ) -> BenchResult:
     """Measure ``model`` at ``url`` (``http://host:port`` or ``tcp://host:port``)."""
-    body, array = _payload(image, shape, dtype)
-    scheme = urlparse(url).scheme
-    if scheme == "http":
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(url, connector=connector) as session:
-            headers = {"Content-Type": "application/octet-stream"}
-
-            async def send() -> bool:
-                async with session.post(f"/predictions/{model}", data=body, headers=headers) as response:
-                    await response.read()
-                    return response.status == 200
-
-            latencies, errors, elapsed = await _closed_loop(send, concurrency, duration_s)
+    parsed = urlparse(url)
+    scheme = "http" if parsed.scheme == "http" else "binary"
+    if image is not None:
+        body, array = image.read_bytes(), None
     else:
-        from fastinfer.client import AsyncClient, InferenceServerError
+        array = np.random.default_rng(0).random(shape).astype(dtype)
+        body = array.tobytes()
+    request = _request_bytes(scheme, parsed.netloc, model, body, array, input_name)
+    start_s = time.perf_counter() + WARM_UP_S
+    recorder = _Recorder(start_s, start_s + duration_s)
+    connection_class = _HttpConnection if scheme == "http" else _BinaryConnection
+    loop = asyncio.get_running_loop()
+    finished = []
+    for _ in range(concurrency):
+        done = loop.create_future()
+        await loop.create_connection(
+            lambda done=done: connection_class(request, recorder, done), parsed.hostname, parsed.port
+        )
+        finished.append(done)
+    await asyncio.gather(*finished)
 
-        clients = [AsyncClient(url) for _ in range(min(concurrency, 8))]
-        count = 0
-
-        async def send() -> bool:
-            nonlocal count
-            count += 1
-            client = clients[count % len(clients)]
-            try:
-                if array is None:
-                    await client.classify(model, body)
-                else:
-                    await client.infer(model, {input_name: array})
-            except InferenceServerError:
-                return False
-            return True
-
-        try:
-            latencies, errors, elapsed = await _closed_loop(send, concurrency, duration_s)
-        finally:
-            for client in clients:
-                await client.close()
-        scheme = "binary"
-
-    lat_ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    latencies_ms = np.array(recorder.latencies) * 1000 if recorder.latencies else np.array([np.nan])
     return BenchResult(
         protocol=scheme,
         model=model,
         concurrency=concurrency,
-        requests=len(latencies),
-        errors=errors,
-        duration_s=elapsed,
-        throughput_rps=len(latencies) / elapsed,
-        p50_ms=float(np.percentile(lat_ms, 50)),
-        p90_ms=float(np.percentile(lat_ms, 90)),
-        p99_ms=float(np.percentile(lat_ms, 99)),
+        requests=len(recorder.latencies),
+        errors=recorder.errors,
+        duration_s=duration_s,
+        throughput_rps=len(recorder.latencies) / duration_s,
+        p50_ms=float(np.percentile(latencies_ms, 50)),
+        p90_ms=float(np.percentile(latencies_ms, 90)),
+        p99_ms=float(np.percentile(latencies_ms, 99)),
     )
 
 

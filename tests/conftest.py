@@ -29,5 +29,10 @@ def photos() -> Path:
     return Path(os.path.dirname(skimage.__file__)) / "data"
 
 
-def fastinfer_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("fastinfer-")}
+def fastinfer_segments(pid: int | None = None) -> set[str]:
+    """Shared-memory segments of the server in process ``pid`` (default: this one, in-process servers).
+
+    Other test runs on the machine may create their own meanwhile; they are not ours to count.
+    """
+    prefix = f"fastinfer-{os.getpid() if pid is None else pid}-"
+    return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}

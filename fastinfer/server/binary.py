@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ class Receiving:
     direct: bool  # the payload goes straight into shared memory
 
 
+@dataclass
+class Answering:
+    """A request whose rows are with the batcher; answered when the last row's result is in."""
+
+    request_id: int
+    rows: list[Row]
+    request: Request
+    started: float
+    waiting: int
+
+
 class BinaryProtocol(asyncio.BufferedProtocol):
     """One client connection."""
 
@@ -67,9 +79,8 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         self.decoder = FrameDecoder(max_payload_bytes=config.max_body_bytes)
         self.transport: asyncio.Transport | None = None
         self._receiving: dict[int, Receiving] = {}
-        self.tasks: set[asyncio.Task] = set()
-        self._drained = asyncio.Event()
-        self._drained.set()
+        self.answering: set[int] = set()  # request ids
+        self._after_drain: list[Row] = []  # rows whose outputs the transport still holds views of
         self._paused = False
 
     # asyncio callbacks
@@ -88,15 +99,16 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             for row in receiving.rows:
                 row.release()
         self._receiving.clear()
-        for task in self.tasks:
-            task.cancel()
-        self._drained.set()
+        self.transport = None  # answers still to come are dropped, their rows released
+        self.resume_writing()
 
     def pause_writing(self) -> None:
-        self._drained.clear()
+        pass  # resume_writing() tells when buffered replies are out
 
     def resume_writing(self) -> None:
-        self._drained.set()
+        rows, self._after_drain = self._after_drain, []
+        for row in rows:
+            row.release()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer(sizehint)
@@ -200,20 +212,30 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                 row.release()
             self._send_error(head.request_id, error)
             return
-        task = asyncio.create_task(self._answer(head.request_id, rows, request, started))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        if len(self.tasks) >= PAUSE_AFTER_REQUESTS and not self._paused and self.transport is not None:
+        answering = Answering(head.request_id, rows, request, started, waiting=len(rows))
+        self.answering.add(head.request_id)
+        for row in rows:
+            row.future.add_done_callback(lambda _, a=answering: self._row_done(a))
+        if len(self.answering) >= PAUSE_AFTER_REQUESTS and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
 
-    async def _answer(self, request_id: int, rows: list[Row], request: Request, started: float) -> None:
+    def _row_done(self, answering: Answering) -> None:
+        answering.waiting -= 1
+        if answering.waiting == 0:
+            self._answer(answering)
+
+    def _answer(self, answering: Answering) -> None:
+        """Send the reply from views of the batch slots; release the rows once it is written."""
+        rows, request = answering.rows, answering.request
         code = "ok"
-        model = request.model
         try:
-            results = [await row.result() for row in rows]
+            for row in rows:
+                if row.future.exception() is not None:
+                    raise row.future.exception()  # type: ignore[misc]
+            results = [row.future.result() for row in rows]
             signature = rows[0].batch.queue.signature
-            envelope: dict[str, Any] = {"model": model}
+            envelope: dict[str, Any] = {"model": request.model}
             if results[0].classes is not None:
                 envelope["classes"] = results[0].classes
             wanted = set(request.outputs) if request.outputs is not None else None
@@ -226,19 +248,22 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                         outputs[spec.name] = np.stack([r.outputs[index] for r in results])
             descriptors, parts = pack_tensors(outputs)
             envelope["outputs"] = descriptors
-            self._send(FrameType.RESPONSE, request_id, envelope, parts)
+            self._send(FrameType.RESPONSE, answering.request_id, envelope, parts)
             del results, outputs, parts
-            await self._drained.wait()
         except FastInferError as error:
             code = error.code
-            self._send_error(request_id, error)
+            self._send_error(answering.request_id, error)
         finally:
-            for row in rows:
-                row.release()
+            self.answering.discard(answering.request_id)
+            if self.transport is not None and self.transport.get_write_buffer_size():
+                self._after_drain.extend(rows)
+            else:
+                for row in rows:
+                    row.release()
             metrics = self.supervisor.metrics
-            metrics.requests.labels(model, "binary", code).inc()
-            metrics.request_latency.labels(model, "binary").observe(time.perf_counter() - started)
-            if self._paused and len(self.tasks) <= PAUSE_AFTER_REQUESTS // 2 and self.transport is not None:
+            metrics.requests.labels(request.model, "binary", code).inc()
+            metrics.request_latency.labels(request.model, "binary").observe(time.perf_counter() - answering.started)
+            if self._paused and len(self.answering) <= PAUSE_AFTER_REQUESTS // 2 and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
 
@@ -319,9 +344,13 @@ class BinaryServer:
         self.connections.add(protocol)
         return protocol
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock`` (a listening socket, e.g. passed by systemd), else on the configured port."""
         loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_server(self._connect, self.config.host, self.config.binary_port))
+        if sock is not None:
+            self._servers.append(await loop.create_server(self._connect, sock=sock))
+        else:
+            self._servers.append(await loop.create_server(self._connect, self.config.host, self.config.binary_port))
         if self.config.binary_socket:
             self._servers.append(await loop.create_unix_server(self._connect, self.config.binary_socket))
 
@@ -333,9 +362,10 @@ class BinaryServer:
         """Stop accepting, give requests in flight ``timeout_s`` to be answered, then close."""
         for server in self._servers:
             server.close()
-        tasks = [task for connection in self.connections for task in connection.tasks]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + timeout_s
+        while any(c.answering for c in self.connections) and loop.time() < deadline_s:
+            await asyncio.sleep(0.02)
         for connection in list(self.connections):
             connection.close()
         for server in self._servers:

@@ -6,15 +6,18 @@ only slot numbers, byte counts and metadata.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
 HEADER = struct.Struct("<I")
 MAX_MESSAGE_BYTES = 16 << 20
+RECV_BYTES = 1 << 16
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -22,7 +25,7 @@ def encode(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def decode(body: bytes) -> dict[str, Any]:
+def decode(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     return msgpack.unpackb(body, raw=False)
 
 
@@ -32,6 +35,7 @@ class BlockingChannel:
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._send_lock = threading.Lock()
+        self._buffer = bytearray()
 
     def send(self, message: dict[str, Any]) -> None:
         data = encode(message)
@@ -40,24 +44,57 @@ class BlockingChannel:
 
     def recv(self) -> dict[str, Any] | None:
         """The next message, or None once the front has closed its end."""
-        header = self._recv_exactly(HEADER.size)
-        if header is None:
-            return None
-        (length,) = HEADER.unpack(header)
-        if length > MAX_MESSAGE_BYTES:
-            raise ValueError(f"control message of {length} bytes is over the limit")
-        body = self._recv_exactly(length)
-        if body is None:
-            return None
-        return decode(body)
-
-    def _recv_exactly(self, count: int) -> bytes | None:
-        buffer = bytearray(count)
-        view = memoryview(buffer)
-        received = 0
-        while received < count:
-            n = self._sock.recv_into(view[received:])
-            if n == 0:
+        while True:
+            if len(self._buffer) >= HEADER.size:
+                (length,) = HEADER.unpack_from(self._buffer)
+                if length > MAX_MESSAGE_BYTES:
+                    raise ValueError(f"control message of {length} bytes is over the limit")
+                end = HEADER.size + length
+                if len(self._buffer) >= end:
+                    message = decode(self._buffer[HEADER.size : end])
+                    del self._buffer[:end]
+                    return message
+            chunk = self._sock.recv(RECV_BYTES)  # one call usually brings a whole message, or several
+            if not chunk:
                 return None
-            received += n
-        return bytes(buffer)
+            self._buffer += chunk
+
+
+class ChannelProtocol(asyncio.Protocol):
+    """The front's end: parses messages as bytes arrive and hands each to ``on_message``."""
+
+    def __init__(self, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[], None]):
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= HEADER.size:
+            (length,) = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + length
+            if length > MAX_MESSAGE_BYTES:
+                self.close()
+                return
+            if len(buffer) < end:
+                break
+            self._on_message(decode(buffer[start + HEADER.size : end]))
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode(message))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()

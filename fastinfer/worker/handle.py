@@ -2,7 +2,8 @@
 fail those batches at once if it dies.
 
 The worker answers batches in the order sent, and beats a heartbeat between them; ``last_heard_s``
-tells the supervisor whether it is still alive.
+tells the supervisor whether it is still alive. Replies are handled in the channel's
+``data_received`` callback, with no task per message.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import sys
 import time
 from typing import Any
 
 from fastinfer.errors import ModelLoadError, WorkerDied
 from fastinfer.signature import ModelSignature
-from fastinfer.worker.channel import HEADER, decode, encode
+from fastinfer.worker.channel import ChannelProtocol
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ class WorkerHandle:
         self.pid: int | None = None
         self.last_heard_s = 0.0
         self._process: asyncio.subprocess.Process | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._channel: ChannelProtocol | None = None
+        self._first_message: asyncio.Future | None = None
+        self._lost: asyncio.Future | None = None
         self._pending: dict[int, tuple[asyncio.Future, float]] = {}
         self._next_id = 0
 
@@ -51,6 +51,7 @@ class WorkerHandle:
 
     async def start(self, timeout_s: float) -> None:
         """Spawn the process and return once it is warm; raise ModelLoadError if it cannot load."""
+        loop = asyncio.get_running_loop()
         parent, child = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
@@ -60,10 +61,14 @@ class WorkerHandle:
             child.close()
         self.pid = self._process.pid
         self.state = "starting"
-        self._reader, self._writer = await asyncio.open_connection(sock=parent)
-        self._writer.write(encode({**self._init, "index": self.index, "cores": self.cores}))
+        self._first_message = loop.create_future()
+        self._lost = loop.create_future()
+        _, self._channel = await loop.create_unix_connection(
+            lambda: ChannelProtocol(self._on_message, self._on_lost), sock=parent
+        )
+        self._channel.send({**self._init, "index": self.index, "cores": self.cores})
         try:
-            message = await asyncio.wait_for(self._read(), timeout_s)
+            message = await asyncio.wait_for(asyncio.shield(self._first_message), timeout_s)
         except TimeoutError:
             self.kill()
             raise ModelLoadError(f"worker {self.index} was not warm within {timeout_s:.0f} s") from None
@@ -74,51 +79,55 @@ class WorkerHandle:
         self.signatures = {name: ModelSignature.from_dict(sig) for name, sig in message["models"].items()}
         self.last_heard_s = time.monotonic()
         self.state = "ready"
-        self._reader_task = asyncio.create_task(self._read_replies())
 
-    async def _read(self) -> dict[str, Any] | None:
-        assert self._reader is not None
-        try:
-            header = await self._reader.readexactly(HEADER.size)
-            (length,) = HEADER.unpack(header)
-            return decode(await self._reader.readexactly(length))
-        except (asyncio.IncompleteReadError, ConnectionError, struct.error):
-            return None
+    def _on_message(self, message: dict[str, Any]) -> None:
+        self.last_heard_s = time.monotonic()
+        if self._first_message is not None and not self._first_message.done():
+            self._first_message.set_result(message)
+        elif message["op"] == "done":
+            future, _ = self._pending.pop(message["id"], (None, 0.0))
+            if future is not None and not future.done():
+                future.set_result(message)
 
-    async def _read_replies(self) -> None:
-        while (message := await self._read()) is not None:
-            self.last_heard_s = time.monotonic()
-            if message["op"] == "done":
-                future, _ = self._pending.pop(message["id"], (None, 0.0))
-                if future is not None and not future.done():
-                    future.set_result(message)
+    def _on_lost(self) -> None:
         self.state = "dead"
+        if self._first_message is not None and not self._first_message.done():
+            self._first_message.set_result(None)
         died = WorkerDied(f"worker {self.index} died while running the request")
         pending, self._pending = self._pending, {}
         for future, _ in pending.values():
             if not future.done():
                 future.set_exception(died)
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
 
     def send_batch(self, message: dict[str, Any]) -> asyncio.Future:
         """Send a batch; the future resolves with the worker's ``done`` reply, or WorkerDied."""
-        if self.state != "ready" or self._writer is None:
+        if self.state != "ready" or self._channel is None:
             raise WorkerDied(f"worker {self.index} is not running")
         self._next_id += 1
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future = self._channel_loop().create_future()
         self._pending[self._next_id] = (future, time.monotonic())
-        self._writer.write(encode({**message, "op": "run", "id": self._next_id}))
+        self._channel.send({**message, "op": "run", "id": self._next_id})
         return future
+
+    def _channel_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._first_message is not None
+        return self._first_message.get_loop()
+
+    async def _closed(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        if self._lost is not None:
+            await self._lost
 
     async def wait_exit(self) -> int | None:
         """Wait for the process to exit; every batch it held has failed by the time this returns."""
         if self._process is None:
             return None
         code = await self._process.wait()
-        if self._reader_task is not None:
-            await self._reader_task
+        await self._closed()
         self.state = "dead"
-        if self._writer is not None:
-            self._writer.close()
         return code
 
     def kill(self) -> None:
@@ -129,15 +138,12 @@ class WorkerHandle:
         """Ask the worker to exit after the batches it holds; kill it if it overruns ``timeout_s``."""
         if self._process is None:
             return
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode({"op": "stop"}))
+        if self._channel is not None:
+            self._channel.send({"op": "stop"})
         try:
             await asyncio.wait_for(self._process.wait(), timeout_s)
         except TimeoutError:
             self.kill()
             await self._process.wait()
-        if self._reader_task is not None:
-            await self._reader_task
-        if self._writer is not None:
-            self._writer.close()
+        await self._closed()
         self.state = "stopped"

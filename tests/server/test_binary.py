@@ -6,8 +6,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import fastinfer_segments
+
 from fastinfer.client import AsyncClient, Client, InferenceServerError
 from fastinfer.config import Config
 from fastinfer.protocol import HEADER, MAGIC, FrameDecoder, FrameType, encode_frame
