@@ -34,8 +34,11 @@ FILLING, READY, VOID = "filling", "ready", "void"
 
 
 class Worker(Protocol):
-    state: str
-    in_flight: int
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
 
     def send_batch(self, message: dict[str, Any]) -> asyncio.Future: ...
 
@@ -92,6 +95,7 @@ class Row:
         self.nbytes = nbytes
         if self.state == FILLING:
             self.state = READY
+            self.batch.filling -= 1
             self.batch.queue.batcher.pump()
 
     async def result(self) -> RowResult:
@@ -109,6 +113,8 @@ class Row:
 
     def _give_up(self) -> None:
         if self.batch.state in (OPEN, SEALED) and self.state != VOID:
+            if self.state == FILLING:
+                self.batch.filling -= 1
             self.state = VOID
             self.batch.queue.batcher.pump()
 
@@ -125,6 +131,7 @@ class Batch:
         self.opened_s = opened_s
         self.sent_s = 0.0
         self.rows: list[Row] = []
+        self.filling = 0  # rows whose payload is still on its way
         self.state = OPEN
         self._released = 0
 
@@ -134,7 +141,7 @@ class Batch:
 
     @property
     def complete(self) -> bool:
-        return all(row.state != FILLING for row in self.rows)
+        return self.filling == 0
 
     def message(self) -> dict[str, Any]:
         images = [
@@ -250,8 +257,9 @@ class Batcher:
     def queue_depth(self, model: str) -> int:
         return self.queues[model].waiting_rows
 
-    def reserve(self, model: str, deadline_s: float) -> Row:
-        """A row in ``model``'s open batch (opening one if needed); raise Overloaded if full."""
+    def reserve(self, model: str, timeout_s: float) -> Row:
+        """A row in ``model``'s open batch (opening one if needed), due within ``timeout_s``;
+        raise Overloaded if the queue or the shared memory is full."""
         queue = self.queues[model]
         if queue.waiting_rows >= self.queue_max_size:
             raise Overloaded(f"{queue.waiting_rows} requests are already waiting for {model}; retry later")
@@ -265,8 +273,9 @@ class Batcher:
                 image_slot = self.pool.acquire()
         except SlotsExhausted:
             raise Overloaded("every shared-memory slot is in use; retry later") from None
-        row = Row(batch, len(batch.rows), deadline_s, image_slot)
+        row = Row(batch, len(batch.rows), self.now() + timeout_s, image_slot)
         batch.rows.append(row)
+        batch.filling += 1
         queue.waiting_rows += 1
         if batch.full:
             batch.state = SEALED
@@ -337,7 +346,7 @@ class Batcher:
         error = future.exception()
         if error is not None and not isinstance(error, FastInferError):
             error = FastInferError(str(error))
-        batch.finish(None if error else future.result(), error)  # type: ignore[arg-type]
+        batch.finish(None if error else future.result(), error)
         if self._on_batch is not None:
             now = self.now()
             self._on_batch(

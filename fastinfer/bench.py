@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -21,6 +24,7 @@ import numpy as np
 from fastinfer.protocol import HEADER, FrameType, encode_frame, pack_tensors
 
 WARM_UP_S = 1.0
+REQUEST_ID_OFFSET = 8  # in the binary frame header (docs/protocol.md)
 
 
 @dataclass
@@ -65,36 +69,45 @@ class _Recorder:
 
 
 class _Connection(asyncio.Protocol):
-    """One closed-loop client: sends ``request``, waits for a full reply, sends again."""
+    """Closed-loop clients on one connection: ``depth`` requests in flight; each answer sends the next."""
 
-    def __init__(self, request: bytes, recorder: _Recorder, done: asyncio.Future):
+    def __init__(self, request: bytes, recorder: _Recorder, done: asyncio.Future, depth: int = 1):
         self.request = request
         self.recorder = recorder
         self.done = done
+        self.depth = depth
         self.buffer = bytearray()
-        self.sent_s = 0.0
+        self.sent_s: dict[int, float] = {}  # request id -> when it was sent
+        self.next_id = 0
+        self.keep_alive = True
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self._send()
+        for _ in range(self.depth):
+            self._send()
 
     def _send(self) -> None:
-        self.sent_s = time.perf_counter()
+        self.next_id += 1
+        self.sent_s[self.next_id] = time.perf_counter()
         assert self.transport is not None
-        self.transport.write(self.request)
+        self.transport.write(self.numbered(self.next_id))
+
+    def numbered(self, request_id: int) -> bytes:
+        return self.request
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while (reply := self.take_reply()) is not None:
-            if not self.recorder.record(self.sent_s, reply):
+            ok, request_id = reply
+            if not self.recorder.record(self.sent_s.pop(request_id), ok) or not self.keep_alive:
                 assert self.transport is not None
-                self.transport.close()
+                self.transport.close()  # the client loop reconnects if the window is not over
                 return
             self._send()
 
-    def take_reply(self) -> bool | None:
-        """Remove one complete reply from the buffer: True if it succeeded; None if incomplete."""
+    def take_reply(self) -> tuple[bool, int] | None:
+        """Remove one complete reply from the buffer: (succeeded, request id); None if incomplete."""
         raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -103,33 +116,41 @@ class _Connection(asyncio.Protocol):
 
 
 class _BinaryConnection(_Connection):
-    def take_reply(self) -> bool | None:
+    def numbered(self, request_id: int) -> bytes:
+        frame = bytearray(self.request)
+        struct.pack_into("<I", frame, REQUEST_ID_OFFSET, request_id)
+        return bytes(frame)
+
+    def take_reply(self) -> tuple[bool, int] | None:
         if len(self.buffer) < HEADER.size:
             return None
-        _, _, frame_type, _, _, envelope_length, payload_length = HEADER.unpack_from(self.buffer)
+        _, _, frame_type, _, request_id, envelope_length, payload_length = HEADER.unpack_from(self.buffer)
         end = HEADER.size + envelope_length + payload_length
         if len(self.buffer) < end:
             return None
         del self.buffer[:end]
-        return frame_type == FrameType.RESPONSE
+        return frame_type == FrameType.RESPONSE, request_id
 
 
 class _HttpConnection(_Connection):
-    def take_reply(self) -> bool | None:
+    def take_reply(self) -> tuple[bool, int] | None:
         head_end = self.buffer.find(b"\r\n\r\n")
         if head_end < 0:
             return None
         length = 0
         for line in bytes(self.buffer[:head_end]).split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
+            name = name.strip().lower()
+            if name == b"content-length":
                 length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                self.keep_alive = False  # as gunicorn's sync workers answer
         end = head_end + 4 + length
         if len(self.buffer) < end:
             return None
         ok = self.buffer.startswith(b"HTTP/1.1 200")
         del self.buffer[:end]
-        return ok
+        return ok, min(self.sent_s)  # one request in flight: answers come in order
 
 
 def _request_bytes(scheme: str, host: str, model: str, body: bytes, array: np.ndarray | None, input_name: str) -> bytes:
@@ -139,6 +160,7 @@ def _request_bytes(scheme: str, host: str, model: str, body: bytes, array: np.nd
             f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
+    envelope: dict[str, Any]
     if array is None:
         envelope = {"model": model, "image": {"offset": 0, "nbytes": len(body)}}
         parts: list = [body]
@@ -158,8 +180,12 @@ async def bench(
     dtype: str = "float32",
     image: Path | None = None,
     input_name: str = "input",
+    pipeline: int = 1,
 ) -> BenchResult:
-    """Measure ``model`` at ``url`` (``http://host:port`` or ``tcp://host:port``)."""
+    """Measure ``model`` at ``url`` (``http://host:port`` or ``tcp://host:port``).
+
+    ``pipeline`` (binary protocol only) puts that many of the ``concurrency`` requests in flight on
+    each connection, as the asyncio client does; HTTP keeps one per connection."""
     parsed = urlparse(url)
     scheme = "http" if parsed.scheme == "http" else "binary"
     if image is not None:
@@ -170,16 +196,25 @@ async def bench(
     request = _request_bytes(scheme, parsed.netloc, model, body, array, input_name)
     start_s = time.perf_counter() + WARM_UP_S
     recorder = _Recorder(start_s, start_s + duration_s)
-    connection_class = _HttpConnection if scheme == "http" else _BinaryConnection
+    connection_class: type[_Connection] = _HttpConnection if scheme == "http" else _BinaryConnection
     loop = asyncio.get_running_loop()
-    finished = []
-    for _ in range(concurrency):
-        done = loop.create_future()
-        await loop.create_connection(
-            lambda done=done: connection_class(request, recorder, done), parsed.hostname, parsed.port
-        )
-        finished.append(done)
-    await asyncio.gather(*finished)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 8090
+
+    depth = max(1, pipeline) if scheme == "binary" else 1
+
+    async def client(depth: int) -> None:
+        while time.perf_counter() < recorder.stop_s:
+            done: asyncio.Future = loop.create_future()
+
+            def connection(done: asyncio.Future = done) -> _Connection:
+                return connection_class(request, recorder, done, depth)
+
+            await loop.create_connection(connection, host, port)
+            await done
+
+    connections = math.ceil(concurrency / depth)
+    depths = [concurrency // connections + (i < concurrency % connections) for i in range(connections)]
+    await asyncio.gather(*(client(d) for d in depths))
 
     latencies_ms = np.array(recorder.latencies) * 1000 if recorder.latencies else np.array([np.nan])
     return BenchResult(
@@ -211,6 +246,7 @@ def run(args) -> int:
             dtype=args.dtype,
             image=Path(args.image) if args.image else None,
             input_name=args.input_name,
+            pipeline=args.pipeline,
         )
     )
     print(json.dumps(asdict(result)) if args.json else result.line())

@@ -6,11 +6,17 @@ import argparse
 import dataclasses
 import sys
 
-from fastinfer.config import Config
+from fastinfer.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, config_toml
 from fastinfer.errors import FastInferError
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"TOML config file (env {CONFIG_ENV}; default {DEFAULT_CONFIG_PATH} when it exists; '': none)",
+    )
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float}.get(str(f.type), str)
@@ -28,19 +34,44 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_flags(serve)
     bench = commands.add_parser("bench", help="measure a running server: throughput and latency")
     _add_bench_flags(bench)
+    from fastinfer.archive.commands import add_archive_flags, add_inspect_flags
+
+    add_archive_flags(commands.add_parser("archive", help="compile an ONNX model into a model archive (.fia)"))
+    add_inspect_flags(commands.add_parser("inspect", help="show what a model archive holds and how it was built"))
+    config_command = commands.add_parser("config", help="show the effective configuration")
+    config_command.add_argument(
+        "--print", action="store_true", required=True, help="print it as TOML, every option with its help and default"
+    )
+    config_command.add_argument(
+        "--template", action="store_true", help="every option commented out, with its default (scripts/config.toml)"
+    )
+    _add_config_flags(config_command)
     args = parser.parse_args(argv)
 
     if args.command == "bench":
         from fastinfer.bench import run as run_bench
 
         return run_bench(args)
+    if args.command in ("archive", "inspect"):
+        from fastinfer.archive.commands import run_archive, run_inspect
+
+        return run_archive(args) if args.command == "archive" else run_inspect(args)
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print", "template")}
+
+    def load() -> Config:
+        """The config as at start: file and environment read again, the same flags on top."""
+        return Config.load(flags, args.config)
+
     try:
-        config = Config.from_sources({k: v for k, v in vars(args).items() if k != "command"})
+        config = load()
     except FastInferError as error:
         parser.error(error.message)
+    if args.command == "config":
+        sys.stdout.write(config_toml(config, template=args.template))
+        return 0
     from fastinfer.server.main import run
 
-    run(config)
+    run(config, load)
     return 0
 
 
@@ -52,6 +83,9 @@ def _add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", default="1,16", help="input shape, batch axis first")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--input-name", default="input")
+    parser.add_argument(
+        "--pipeline", type=int, default=1, help="binary protocol: requests in flight per connection (as AsyncClient)"
+    )
     parser.add_argument("--image", help="send this encoded image instead of a random tensor")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

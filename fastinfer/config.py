@@ -1,13 +1,18 @@
 """One frozen, picklable configuration object.
 
-Every field ``x_y`` is also the flag ``--x-y`` and the environment variable ``FASTINFER_X_Y``;
-flags override the environment, which overrides the defaults.
+Every field ``x_y`` is also the key ``x_y`` of the TOML config file, the flag ``--x-y`` and the
+environment variable ``FASTINFER_X_Y``. Precedence: defaults < config file < environment < flags.
+The config file is ``--config`` (or ``$FASTINFER_CONFIG``), else ``/etc/fastinfer/config.toml``
+when it exists; ``config`` itself is a loader option, not a field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +20,8 @@ from pathlib import Path
 from fastinfer.errors import FastInferError
 
 DEFAULT_MODEL_NAME = "efficientnet_lite0"
+DEFAULT_CONFIG_PATH = "/etc/fastinfer/config.toml"
+CONFIG_ENV = "FASTINFER_CONFIG"
 
 
 class ConfigError(FastInferError):
@@ -41,7 +48,10 @@ class Config:
     management_port: int = field(default=8081, metadata={"help": "management port, bound to 127.0.0.1"})
     binary_port: int = field(default=8090, metadata={"help": "binary-protocol port"})
     binary_socket: str = field(default="", metadata={"help": "also serve the binary protocol on this Unix socket"})
-    cache_dir: str = field(default_factory=_default_cache_dir, metadata={"help": "compiled-model cache"})
+    cache_dir: str = field(
+        default_factory=_default_cache_dir,
+        metadata={"help": "compiled-model cache", "default_text": "$XDG_CACHE_HOME/fastinfer, else ~/.cache/fastinfer"},
+    )
     shm_slot_bytes: int = field(default=16 << 20, metadata={"help": "bytes of one shared-memory slot"})
     shm_slots_per_worker: int = field(
         default=32, metadata={"help": "shared-memory slots per worker (a batch takes one, an image one more)"}
@@ -63,7 +73,9 @@ class Config:
     restart_window_s: float = field(default=60.0, metadata={"help": "window of restart_max_count"})
     shutdown_timeout_s: float = field(default=10.0, metadata={"help": "time in-flight requests get to finish"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
-    model_store: str = field(default="", metadata={"help": "directory of model files that management may register"})
+    model_store: str = field(
+        default="", metadata={"help": "directory of model files management may register; no --models: serve its .fia"}
+    )
     header_timeout_s: float = field(
         default=15.0, metadata={"help": "time a connection gets to send a request's headers, or idle between requests"}
     )
@@ -77,12 +89,29 @@ class Config:
     )
 
     @classmethod
-    def from_sources(
-        cls, flags: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+    def load(
+        cls,
+        flags: Mapping[str, object] | None = None,
+        config_file: str | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> Config:
-        """Defaults, overridden by ``FASTINFER_*`` variables, overridden by flags that were given."""
+        """Read the config file (see :func:`config_file_path`), then apply :meth:`from_sources`."""
         environ = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        path = config_file_path(config_file, environ)
+        file_values = read_config_file(path) if path is not None else None
+        return cls.from_sources(flags, environ, file_values)
+
+    @classmethod
+    def from_sources(
+        cls,
+        flags: Mapping[str, object] | None = None,
+        environ: Mapping[str, str] | None = None,
+        file_values: Mapping[str, object] | None = None,
+    ) -> Config:
+        """Defaults, overridden by ``file_values`` (see :func:`read_config_file`), by ``FASTINFER_*``
+        variables, then by flags that were given."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = dict(file_values or {})
         for f in dataclasses.fields(cls):
             raw = environ.get(f"FASTINFER_{f.name.upper()}")
             if raw is not None:
@@ -109,6 +138,12 @@ class Config:
 
     def model_paths(self) -> dict[str, str]:
         """Model name -> path; the default model (path "") when none is given."""
+        if not self.models and self.model_store:
+            from fastinfer.archive.store import store_models
+
+            found = store_models(self.model_store)  # every archive in the store, versions side by side
+            if found:
+                return found
         if not self.models:
             return {DEFAULT_MODEL_NAME: ""}
         return dict(spec.split("=", 1) for spec in self.models)
@@ -136,3 +171,126 @@ def _parse(f: dataclasses.Field, raw: str) -> object:
         return raw
     except ValueError as error:
         raise ConfigError(f"FASTINFER_{f.name.upper()}={raw!r} is not a valid {kind}") from error
+
+
+def config_file_path(config_file: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The config file to read: ``config_file`` (the ``--config`` flag), else ``$FASTINFER_CONFIG``,
+    else :data:`DEFAULT_CONFIG_PATH` if it exists, else None. An empty value means no file."""
+    environ = os.environ if environ is None else environ
+    for named in (config_file, environ.get(CONFIG_ENV)):
+        if named is not None:
+            return named or None
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, object]:
+    """The values a TOML config file sets, checked: keys are Config fields, values of their type."""
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {os.fspath(path)}: {error.strerror or error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {os.fspath(path)} is not valid TOML: {error}") from error
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values: dict[str, object] = {}
+    for key, value in document.items():
+        if key not in fields:
+            raise ConfigError(f"config file {os.fspath(path)}: unknown key {key!r}")
+        values[key] = _checked(fields[key], value, os.fspath(path))
+    return values
+
+
+def _kind(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def _checked(f: dataclasses.Field, value: object, path: str) -> object:
+    kind = _kind(f)
+    if kind.startswith("tuple"):
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        expected = "a list of strings"
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif kind == "float":
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    else:
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    raise ConfigError(f"config file {path}: {f.name} must be {expected}, got {value!r}")
+
+
+CONFIG_HEADER = """\
+# fastinfer configuration (TOML). Every key is also a flag of `fastinfer serve` (http_port is
+# --http-port) and an environment variable (FASTINFER_HTTP_PORT). Precedence: defaults < this
+# file < FASTINFER_* variables < flags. `fastinfer config --print` shows the effective values.
+# `systemctl reload fastinfer` (SIGHUP) applies changes to models and devices without failing a
+# request; other changes need `systemctl restart fastinfer`.
+"""
+
+TEMPLATE_HEADER = """\
+# Every key is commented out, showing its default: uncomment the ones to change.
+"""
+
+# The template shows these values instead of defaults that depend on who runs it.
+TEMPLATE_VALUES: dict[str, object] = {"cache_dir": "/var/cache/fastinfer"}
+_SOCKET_NOTE = "with fastinfer-{}.socket enabled, systemd owns the port and its ListenStream= applies instead"
+TEMPLATE_NOTES = {
+    "models": 'e.g. ["resnet50=/var/lib/fastinfer/models/resnet50.onnx"]',
+    "http_port": _SOCKET_NOTE.format("http"),
+    "management_port": _SOCKET_NOTE.format("management"),
+    "binary_port": _SOCKET_NOTE.format("binary"),
+    "cache_dir": "fastinfer.service sets FASTINFER_CACHE_DIR=/var/cache/fastinfer, which wins over this file",
+    "inference_token": "better set FASTINFER_INFERENCE_TOKEN than write a secret here",
+    "management_token": "better set FASTINFER_MANAGEMENT_TOKEN than write a secret here",
+}
+
+
+def config_toml(config: Config, *, template: bool = False) -> str:
+    """``config`` as TOML: each key after a comment with its help text and default.
+
+    With ``template`` every key is commented out (the file sets nothing: the defaults apply) and
+    the values shown are the defaults: this is ``scripts/config.toml``, the installed template.
+    Otherwise the values are ``config``'s, and tokens that are set are not shown.
+    """
+    lines = [CONFIG_HEADER + (TEMPLATE_HEADER if template else "")]
+    for f in dataclasses.fields(config):
+        default = _default_of(f)
+        default_text = f.metadata.get("default_text") or _toml_value(default)
+        lines.append(f"# {f.metadata.get('help', f.name)} (default: {default_text})")
+        value = getattr(config, f.name)
+        if template:
+            if f.name in TEMPLATE_NOTES:
+                lines.append(f"# ({TEMPLATE_NOTES[f.name]})")
+            lines.append(f"# {f.name} = {_toml_value(TEMPLATE_VALUES.get(f.name, default))}")
+        elif not f.repr and value:
+            lines.append(f"# {f.name} is set, not shown")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _default_of(f: dataclasses.Field) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING
+    return f.default_factory()
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf" if value < 0 else "nan")
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string

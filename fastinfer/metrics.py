@@ -44,6 +44,17 @@ class Metrics:
         self.in_flight = Gauge("fastinfer_in_flight", "Requests being served", ["protocol"], registry=r)
         self.worker_restarts = Counter("fastinfer_worker_restarts", "Workers started again", ["worker"], registry=r)
         self.workers_ready = Gauge("fastinfer_workers_ready", "Workers warm and serving", registry=r)
+        self._request_children: dict[tuple[str, str, str], tuple] = {}
+
+    def request_done(self, model: str, protocol: str, code: str, latency_s: float) -> None:
+        """Count one answered request; the labelled children are looked up once, not per request."""
+        key = (model, protocol, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(model, protocol, code), self.request_latency.labels(model, protocol))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(latency_s)
 
     def batch_done(self, model: str, size: int, queue_s: float, compute_s: float) -> None:
         self.batch_size.labels(model).observe(size)

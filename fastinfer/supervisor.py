@@ -154,7 +154,7 @@ class Supervisor:
         while not self._stopping:
             now = time.monotonic()
             starts = [t for t in starts if now - t < self.config.restart_window_s] + [now]
-            if len(starts) > self.config.restart_max_count:
+            if len(starts) - 1 > self.config.restart_max_count:  # the first start is not a restart
                 self._give_up(
                     generation,
                     handle,

@@ -3,10 +3,11 @@
 #
 #   sudo scripts/install-service.sh [--enable] [--bin PATH] [--root DIR]
 #
-# Creates the system user "fastinfer", /etc/fastinfer/config.toml (only if absent: an existing
-# configuration is never overwritten), the model store /var/lib/fastinfer/models, and installs
-# fastinfer.service and the fastinfer-{http,management,binary}.socket units into
-# /etc/systemd/system, then runs `systemctl daemon-reload`.
+# Creates the system user "fastinfer", /etc/fastinfer/config.toml (a copy of scripts/config.toml,
+# only if absent: an existing configuration is never overwritten), the model store
+# /var/lib/fastinfer/models, and installs fastinfer.service and the
+# fastinfer-{http,management,binary}.socket units into /etc/systemd/system, then runs
+# `systemctl daemon-reload`.
 #
 #   --enable    also `systemctl enable --now` the three sockets and the service
 #   --bin PATH  the fastinfer executable for ExecStart= (default /usr/local/bin/fastinfer;
@@ -63,30 +64,8 @@ fi
 config="$root/etc/fastinfer/config.toml"
 install -d -m 0755 "$root/etc/fastinfer"
 if [ ! -e "$config" ]; then
-    cat >"$config.tmp" <<'TOML'
-# fastinfer configuration. Every key is also a flag of `fastinfer serve` (http_port is
-# --http-port) and an environment variable (FASTINFER_HTTP_PORT); flags win over variables.
-# The commented values are the defaults. After a change: systemctl restart fastinfer
-
-# Models to serve, "NAME=PATH" to an ONNX file; none serves the default model.
-# models = ["resnet50=/var/lib/fastinfer/models/resnet50.onnx"]
-
-# cpu:N runs N worker processes that split the cores between them.
-# devices = "cpu:1"
-
-# Address of the inference listeners (HTTP and binary). With the socket units enabled, the
-# ports below come from fastinfer-*.socket instead, and these are not used.
-# host = "127.0.0.1"
-# http_port = 8080
-# management_port = 8081    # always bound to 127.0.0.1
-# binary_port = 8090
-
-# Compiled models. fastinfer.service sets FASTINFER_CACHE_DIR=/var/cache/fastinfer.
-# cache_dir = "/var/cache/fastinfer"
-
-# debug, info, warning or error
-# log_level = "info"
-TOML
+    # Every option, commented out, with its help and default (`fastinfer config --print --template`).
+    cp "$here/config.toml" "$config.tmp"
     chmod 0640 "$config.tmp"
     live && chown "root:$user" "$config.tmp"
     mv "$config.tmp" "$config"  # all at once: never a half-written configuration

@@ -48,3 +48,65 @@ def onnx_path(cache_dir: str | Path) -> Path:
         onnx.save(build_onnx(load_legacy_state_dict(weights)), str(staging))
         os.replace(staging, path)
     return path
+
+
+# Batch sizes the default model's archive compiles; others pad up to the next one.
+BATCH_SIZES = (1, 8)
+# Trials per task when no shipped records cover this host (tuning then takes many minutes).
+FALLBACK_TUNE_TRIALS = 8
+
+
+def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
+    """The default model's archive for this host, built once into the cache.
+
+    Tuned from the records that ship in ``fastinfer/models/tuning/<cpu level>/`` when they cover
+    this host's portable CPU level (no search runs); otherwise MetaSchedule tunes it here first,
+    printing its progress, and the records are kept in the cache for later builds.
+    """
+    import fcntl
+    import sys
+
+    import tvm
+
+    from fastinfer.archive import pack
+    from fastinfer.archive import target as targets
+
+    target = targets.resolve("cpu", num_cores)
+    onnx_file = onnx_path(cache_dir)
+    key = hashlib.sha256(
+        json.dumps([onnx_file.name, target, tvm.__version__, BATCH_SIZES, pack.shipped_digest(target)]).encode()
+    ).hexdigest()[:16]
+    path = Path(cache_dir) / "default" / f"efficientnet_lite0-{key}.fia"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several workers start at once: one builds
+        if not path.exists():
+            shipped = pack.shipped_records(target) is not None
+            if not shipped:
+                print(
+                    f"no shipped tuning records for {targets.describe(target)}: tuning EfficientNet-Lite0 "
+                    f"here ({FALLBACK_TUNE_TRIALS} trials per task); this takes a while, once",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            labels = path.parent / "imagenet-labels.txt"
+            labels.write_text("\n".join(imagenet_labels()) + "\n", "utf-8")
+            pre = preprocess(0)
+            preprocess_file = path.parent / "preprocess.json"
+            preprocess_file.write_text(json.dumps(pre.to_dict()))
+            pack.build_archive(
+                onnx_file,
+                path,
+                pack.BuildOptions(
+                    name="efficientnet_lite0",
+                    labels_path=str(labels),
+                    top_k=TOP_K,
+                    preprocess=str(preprocess_file),
+                    target=json.dumps(target),
+                    batch_sizes=BATCH_SIZES,
+                    tune_trials=0 if shipped else FALLBACK_TUNE_TRIALS,
+                    cache_dir=str(cache_dir),
+                    use_stored_records=True,
+                ),
+            )
+    return path

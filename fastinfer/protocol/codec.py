@@ -132,6 +132,9 @@ class FrameDecoder:
         self._direct = False  # the last get_buffer() handed out the payload target
         self._pending: list[Event] = []  # events completed inside get_buffer()
         self._error: StreamError | None = None
+        # A client sends the same envelope again and again (same model, same shapes): keep what
+        # the last few decoded to. Envelopes and messages are never mutated after decoding.
+        self._decoded: dict[tuple[int, int, int, bytes], tuple[dict[str, Any], Message]] = {}
 
     @property
     def undecided(self) -> FrameHead | None:
@@ -346,7 +349,14 @@ class FrameDecoder:
         assert self._header is not None
         frame_type, flags, request_id, _, payload_length = self._header
         try:
-            envelope, message = _decode_envelope(frame_type, flags, raw, payload_length)
+            key = (frame_type, flags, payload_length, bytes(raw))
+            decoded = self._decoded.get(key)
+            if decoded is None:
+                decoded = _decode_envelope(frame_type, flags, raw, payload_length)
+                if len(self._decoded) >= DECODED_ENVELOPES_KEPT:
+                    self._decoded.clear()
+                self._decoded[key] = decoded
+            envelope, message = decoded
         except FrameError as error:
             error.request_id = request_id
             events.append(FrameRejected(frame_type, request_id, error))
@@ -369,6 +379,7 @@ def aligned_buffer(nbytes: int) -> memoryview:
     return block[start : start + nbytes].data
 
 
+DECODED_ENVELOPES_KEPT = 64
 _FRAME_TYPES = frozenset(int(t) for t in FrameType)
 
 

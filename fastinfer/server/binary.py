@@ -12,8 +12,8 @@ handed those bytes to the kernel (a write-buffer high-water mark of 0 tells us w
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import math
 import socket
 import time
 from collections import deque
@@ -80,6 +80,9 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._receiving: dict[int, Receiving] = {}
         self.answering: set[int] = set()  # request ids
+        self._out: list[bytes | memoryview] = []  # frames for this loop iteration's write
+        self._flush_scheduled = False
+        self._after_flush: list[Row] = []  # rows whose outputs _out holds views of
         self._after_drain: list[Row] = []  # rows whose outputs the transport still holds views of
         self._paused = False
 
@@ -99,7 +102,11 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             for row in receiving.rows:
                 row.release()
         self._receiving.clear()
+        self.decoder = FrameDecoder()  # the old one may hold a view of a slot it was receiving into
         self.transport = None  # answers still to come are dropped, their rows released
+        self._out.clear()
+        self._after_drain += self._after_flush
+        self._after_flush = []
         self.resume_writing()
 
     def pause_writing(self) -> None:
@@ -116,16 +123,23 @@ class BinaryProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         try:
             events = deque(self.decoder.buffer_updated(nbytes))
+            while events:
+                self._handle(events.popleft(), events)  # placing a payload may read on, into the next frame
         except StreamError as error:
+            self._stream_broken(error)
+
+    def _stream_broken(self, error: StreamError) -> None:
+        """The stream cannot be framed any more: answer what completed, say why on id 0, close."""
+        try:
             for event in error.events:
                 self._handle(event, deque())
-            extra = {"versions": list(SUPPORTED_VERSIONS)} if error.code == "unsupported_version" else {}
-            self._send(FrameType.ERROR, 0, error_envelope(error.code, error.message, error.status, **extra))
-            assert self.transport is not None
+        except StreamError:
+            pass
+        extra = {"versions": list(SUPPORTED_VERSIONS)} if error.code == "unsupported_version" else {}
+        self._send(FrameType.ERROR, 0, error_envelope(error.code, error.message, error.status, **extra))
+        self._flush()  # now: the connection closes before the loop would get to it
+        if self.transport is not None:
             self.transport.close()
-            return
-        while events:
-            self._handle(events.popleft(), events)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; replies still in flight are dropped with the connection
@@ -133,7 +147,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
     # frames
 
     def _handle(self, event: Any, events: deque) -> None:
-        if event is self.decoder.undecided:
+        if isinstance(event, FrameHead) and event is self.decoder.undecided:
             events.extend(self._place_payload(event))
         elif isinstance(event, FrameRejected):
             self._send_error(event.request_id, event.error)
@@ -185,11 +199,10 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             raise BadRequest(f"model {signature.name} takes {kind}")
         count = 1 if request.image is not None else _batch_of(signature, request)
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms else self.config.request_timeout_s
-        deadline_s = asyncio.get_running_loop().time() + timeout_s
         rows: list[Row] = []
         try:
             for _ in range(count):
-                rows.append(self.supervisor.batcher.reserve(signature.name, deadline_s))
+                rows.append(self.supervisor.batcher.reserve(signature.name, timeout_s))
         except FastInferError:
             for row in rows:
                 row.release()
@@ -215,12 +228,12 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         answering = Answering(head.request_id, rows, request, started, waiting=len(rows))
         self.answering.add(head.request_id)
         for row in rows:
-            row.future.add_done_callback(lambda _, a=answering: self._row_done(a))
+            row.future.add_done_callback(functools.partial(self._row_done, answering))
         if len(self.answering) >= PAUSE_AFTER_REQUESTS and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
 
-    def _row_done(self, answering: Answering) -> None:
+    def _row_done(self, answering: Answering, _: asyncio.Future) -> None:
         answering.waiting -= 1
         if answering.waiting == 0:
             self._answer(answering)
@@ -229,6 +242,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         """Send the reply from views of the batch slots; release the rows once it is written."""
         rows, request = answering.rows, answering.request
         code = "ok"
+        held = False
         try:
             for row in rows:
                 if row.future.exception() is not None:
@@ -248,33 +262,53 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                         outputs[spec.name] = np.stack([r.outputs[index] for r in results])
             descriptors, parts = pack_tensors(outputs)
             envelope["outputs"] = descriptors
-            self._send(FrameType.RESPONSE, answering.request_id, envelope, parts)
+            held = self._send(FrameType.RESPONSE, answering.request_id, envelope, parts)
             del results, outputs, parts
         except FastInferError as error:
             code = error.code
             self._send_error(answering.request_id, error)
         finally:
             self.answering.discard(answering.request_id)
-            if self.transport is not None and self.transport.get_write_buffer_size():
-                self._after_drain.extend(rows)
+            if held:
+                self._after_flush.extend(rows)
             else:
                 for row in rows:
                     row.release()
             metrics = self.supervisor.metrics
-            metrics.requests.labels(request.model, "binary", code).inc()
-            metrics.request_latency.labels(request.model, "binary").observe(time.perf_counter() - answering.started)
+            metrics.request_done(request.model, "binary", code, time.perf_counter() - answering.started)
             if self._paused and len(self.answering) <= PAUSE_AFTER_REQUESTS // 2 and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
 
-    def _send(self, frame_type: FrameType, request_id: int, envelope: dict | None, parts: Any = ()) -> None:
+    def _send(self, frame_type: FrameType, request_id: int, envelope: dict | None, parts: Any = ()) -> bool:
+        """Queue a frame for this loop iteration's write; True if it went as views that must stay valid."""
         if self.transport is None or self.transport.is_closing():
-            return
+            return False
         buffers = encode_frame(frame_type, request_id, envelope, parts)
-        if sum(len(b) for b in buffers) <= JOIN_BELOW_BYTES:
-            self.transport.write(b"".join(buffers))  # one segment, one wake-up for the client
+        as_views = sum(len(b) for b in buffers) > JOIN_BELOW_BYTES
+        if as_views:
+            self._out.extend(buffers)
         else:
-            self.transport.writelines(buffers)
+            self._out.append(b"".join(buffers))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return as_views
+
+    def _flush(self) -> None:
+        """One write for every reply that completed in this loop iteration: replies to pipelined
+        requests of a batch share a syscall, which on loopback costs more than the Python around it."""
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0]) if len(out) == 1 else self.transport.writelines(out)
+        del out
+        rows, self._after_flush = self._after_flush, []
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            self._after_drain.extend(rows)
+        else:
+            for row in rows:
+                row.release()
 
     def _send_error(self, request_id: int, error: FastInferError) -> None:
         self._send(FrameType.ERROR, request_id, error_envelope(error.code, error.message, error.status))
@@ -325,7 +359,7 @@ def _mark_filled(rows: list[Row], request: Request) -> None:
     if request.image is not None:
         rows[0].filled(request.image.nbytes)
         return
-    sample_total = sum(math.prod(t.shape[1:]) * np.dtype(t.dtype).itemsize for t in request.inputs)
+    sample_total = sum(t.nbytes for t in request.inputs) // len(rows)
     for row in rows:
         row.filled(sample_total)
 
@@ -356,7 +390,7 @@ class BinaryServer:
 
     @property
     def port(self) -> int:
-        return self._servers[0].sockets[0].getsockname()[1]
+        return cast(asyncio.Server, self._servers[0]).sockets[0].getsockname()[1]
 
     async def stop(self, timeout_s: float) -> None:
         """Stop accepting, give requests in flight ``timeout_s`` to be answered, then close."""

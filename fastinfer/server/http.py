@@ -107,8 +107,8 @@ async def _read_body_into(request: web.Request, view: memoryview, too_long: Call
     return await _copy_stream(request.content.readany, view, too_long)
 
 
-def deadline_from(request: web.Request, default_s: float) -> float:
-    """The request's deadline on the loop clock: ``X-Deadline-Ms`` (relative) or the default."""
+def timeout_from(request: web.Request, default_s: float) -> float:
+    """Seconds the request may take: its ``X-Deadline-Ms`` header, or the server's default."""
     header = request.headers.get(DEADLINE_HEADER)
     timeout_s = default_s
     if header is not None:
@@ -118,7 +118,7 @@ def deadline_from(request: web.Request, default_s: float) -> float:
             raise BadRequest(f"{DEADLINE_HEADER} must be a number of milliseconds, not {header!r}") from None
         if timeout_s <= 0:
             raise BadRequest(f"{DEADLINE_HEADER} must be positive")
-    return asyncio.get_running_loop().time() + timeout_s
+    return timeout_s
 
 
 class InferenceRoutes:
@@ -148,15 +148,14 @@ class InferenceRoutes:
         finally:
             self.metrics.in_flight.labels("http").dec()
             if model in self.supervisor.model_paths:
-                self.metrics.requests.labels(model, "http", code).inc()
-                self.metrics.request_latency.labels(model, "http").observe(time.perf_counter() - started)
+                self.metrics.request_done(model, "http", code, time.perf_counter() - started)
 
     async def _predict(self, request: web.Request, model: str) -> web.Response:
         signature = self.supervisor.signature(model)
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
-        row = self.supervisor.batcher.reserve(model, deadline_from(request, self.config.request_timeout_s))
+        row = self.supervisor.batcher.reserve(model, timeout_from(request, self.config.request_timeout_s))
         try:
             view = row.payload_view()
             try:

@@ -2,6 +2,10 @@
 
 Shutdown is one sequence: stop accepting connections, let in-flight requests finish within
 ``shutdown_timeout_s``, stop the workers, remove the shared memory.
+
+Under systemd, listeners passed by name (socket activation: "http", "management", "binary") are
+used instead of binding the configured ports; see fastinfer.server.service for the notifications
+and the reload on SIGHUP.
 """
 
 from __future__ import annotations
@@ -9,14 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
 from fastinfer.config import Config
-from fastinfer.server.access import AccessLog
+from fastinfer.logs import configure_logging
+from fastinfer.server import systemd
+from fastinfer.server.access import AccessLog, limit_connections
 from fastinfer.server.binary import BinaryServer
 from fastinfer.server.http import inference_app, runner_for, start_runner
 from fastinfer.server.management import management_app
+from fastinfer.server.service import Service
 from fastinfer.supervisor import Supervisor
 
 log = logging.getLogger("fastinfer")
@@ -25,10 +34,15 @@ MANAGEMENT_HOST = "127.0.0.1"
 
 
 class Server:
-    """Workers plus the HTTP listeners; ``start()`` returns once the ports are open."""
+    """Workers plus the HTTP listeners; ``start()`` returns once the ports are open.
 
-    def __init__(self, config: Config):
+    ``sockets`` are listening sockets by name (see :func:`systemd.listen_sockets`), used instead
+    of binding the configured port of that name.
+    """
+
+    def __init__(self, config: Config, sockets: Mapping[str, list[socket.socket]] | None = None):
         self.config = config
+        self.sockets = dict(sockets or {})
         self.supervisor = Supervisor(config)
         self._runners: list[web.AppRunner] = []
         self.binary = BinaryServer(self.supervisor, config)
@@ -39,26 +53,37 @@ class Server:
         self.access_log.start()
         try:
             inference = inference_app(self.supervisor, self.config, self.access_log)
-            await self._listen(inference, self.config.host, self.config.http_port)
+            await self._listen(inference, self.config.host, self.config.http_port, systemd.HTTP)
             management = management_app(self.supervisor, self.config, self.access_log)
-            await self._listen(management, MANAGEMENT_HOST, self.config.management_port)
-            await self.binary.start()
+            await self._listen(management, MANAGEMENT_HOST, self.config.management_port, systemd.MANAGEMENT)
+            binary = self.sockets.get(systemd.BINARY, [])
+            if len(binary) > 1:
+                log.warning("%d sockets named %r passed: serving the first only", len(binary), systemd.BINARY)
+            await self.binary.start(binary[0] if binary else None)
         except BaseException:
             await self.stop()
             raise
 
-    async def _listen(self, app: web.Application, host: str, port: int) -> None:
+    async def _listen(self, app: web.Application, host: str, port: int, name: str) -> None:
         runner = runner_for(app, self.config)
         self._runners.append(runner)
-        await start_runner(runner, host, port, self.config.max_connections)
+        passed = self.sockets.get(name)
+        if not passed:
+            await start_runner(runner, host, port, self.config.max_connections)
+            return
+        await runner.setup()
+        assert runner.server is not None
+        limit_connections(runner.server, self.config.max_connections)
+        for sock in passed:
+            await web.SockSite(runner, sock).start()
 
     @property
     def http_port(self) -> int:
-        return self._runners[0].addresses[0][1]
+        return _port(self._runners[0])
 
     @property
     def management_port(self) -> int:
-        return self._runners[1].addresses[0][1]
+        return _port(self._runners[1])
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until every worker is warm; raise if one failed or time ran out."""
@@ -77,13 +102,20 @@ class Server:
         self.access_log.stop()
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGINT or SIGTERM."""
+def _port(runner: web.AppRunner) -> int:
+    """The port of the runner's first TCP listener (0 if it has only Unix sockets)."""
+    return next((address[1] for address in runner.addresses if isinstance(address, tuple)), 0)
+
+
+async def serve(config: Config, load: Callable[[], Config] | None = None) -> None:
+    """Run until SIGINT or SIGTERM; on SIGHUP, reload with ``load()`` (default: ``config`` again)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = Server(config)
+    server = Server(config, systemd.listen_sockets())  # before any worker starts: they must not inherit them
+    service = Service(server, load or (lambda: config))
+    loop.add_signal_handler(signal.SIGHUP, service.request_reload)
     await server.start()
     log.info(
         "serving %s: http://%s:%d, management http://%s:%d, binary tcp://%s:%d",
@@ -95,22 +127,17 @@ async def serve(config: Config) -> None:
         config.host,
         server.binary.port,
     )
-    ready = asyncio.create_task(_announce_ready(server))
+    service.start()
     await stop.wait()
-    ready.cancel()
+    loop.remove_signal_handler(signal.SIGHUP)
     log.info("shutting down")
+    await service.stop()
     await server.stop()
     log.info("stopped")
 
 
-async def _announce_ready(server: Server) -> None:
-    while not server.supervisor.ready:
-        await asyncio.sleep(0.1)
-    log.info("ready: all workers are warm")
-
-
-def run(config: Config) -> None:
+def run(config: Config, load: Callable[[], Config] | None = None) -> None:
     import uvloop
 
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvloop.run(serve(config))
+    configure_logging(config.log_level)
+    uvloop.run(serve(config, load))

@@ -19,7 +19,7 @@ from fastinfer.batcher import Row
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, RequestTimeout
 from fastinfer.server import kserve
-from fastinfer.server.http import MODEL_VERSION, RETRY_AFTER_S, check_version, deadline_from
+from fastinfer.server.http import MODEL_VERSION, RETRY_AFTER_S, check_version, timeout_from
 from fastinfer.signature import ModelSignature, TensorSpec
 from fastinfer.supervisor import Supervisor
 
@@ -84,8 +84,7 @@ class V2Routes:
         finally:
             self.metrics.in_flight.labels(PROTOCOL).dec()
             if model in self.supervisor.model_paths:
-                self.metrics.requests.labels(model, PROTOCOL, code).inc()
-                self.metrics.request_latency.labels(model, PROTOCOL).observe(time.perf_counter() - started)
+                self.metrics.request_done(model, PROTOCOL, code, time.perf_counter() - started)
 
     async def _infer(self, request: web.Request) -> web.Response:
         signature = self._signature(request)
@@ -110,12 +109,12 @@ class V2Routes:
         kserve.validate_outputs(parsed, signature.outputs)
         tensors = {tensor.name: tensor for tensor in parsed.inputs}
         samples = parsed.inputs[0].shape[0] if parsed.inputs else 1
-        deadline_s = deadline_from(request, self.config.request_timeout_s)
+        timeout_s = timeout_from(request, self.config.request_timeout_s)
 
         rows: list[Row] = []
         try:
             for _ in range(samples):
-                rows.append(batcher.reserve(signature.name, deadline_s))
+                rows.append(batcher.reserve(signature.name, timeout_s))
             for k, spec in enumerate(signature.inputs):
                 data = tensors[spec.name].raw_bytes()
                 for i, row in enumerate(rows):

@@ -86,6 +86,8 @@ def load_model(name: str, path: str, *, cache_dir: str, num_cores: int, max_imag
     runtime: Runtime
     if path.startswith("echo:"):
         runtime = EchoRuntime.from_path(path)
+    elif path == "" or path.endswith(".fia"):
+        return _load_archive(name, path, cache_dir=cache_dir, num_cores=num_cores, max_image_pixels=max_image_pixels)
     else:
         if path == "":
             onnx_path = str(default.onnx_path(cache_dir))
@@ -100,3 +102,25 @@ def load_model(name: str, path: str, *, cache_dir: str, num_cores: int, max_imag
     signature = ModelSignature(name, runtime.inputs, runtime.outputs, preprocess, top_k, runtime.batch_sizes)
     log.info("model %s loaded", name)
     return LoadedModel(signature, runtime, labels)
+
+
+def _load_archive(name: str, path: str, *, cache_dir: str, num_cores: int, max_image_pixels: int) -> LoadedModel:
+    """A model archive ("" is the default model's, built into the cache on first start)."""
+    from fastinfer.archive.load import load
+    from fastinfer.models import default
+    from fastinfer.worker.runtime import TvmArchiveRuntime
+
+    if path == "":
+        path = str(default.archive_path(cache_dir, num_cores))
+    archive = load(path, cache_dir)
+    manifest = archive.manifest
+    runtime = TvmArchiveRuntime(
+        archive.library_paths(), manifest.inputs, manifest.outputs, manifest.batch_sizes, manifest.target["kind"]
+    )
+    runtime.load()
+    preprocess = manifest.image_preprocess(max_image_pixels)
+    signature = ModelSignature(
+        name, manifest.inputs, manifest.outputs, preprocess, manifest.top_k, manifest.batch_sizes
+    )
+    log.info("model %s loaded from archive %s (version %s)", name, path, manifest.version)
+    return LoadedModel(signature, runtime, archive.labels())

@@ -18,6 +18,7 @@ import sys
 import threading
 
 from fastinfer.errors import FastInferError
+from fastinfer.logs import configure_logging
 from fastinfer.shm import SlotMap
 from fastinfer.signature import BatchLayout
 from fastinfer.worker.channel import BlockingChannel
@@ -50,9 +51,7 @@ def serve(channel: BlockingChannel) -> int:
     init = channel.recv()
     if init is None:
         return 0
-    logging.basicConfig(
-        level=init["log_level"].upper(), format=f"%(asctime)s worker[{init['index']}] %(levelname)s %(message)s"
-    )
+    configure_logging(init["log_level"], prefix=f"worker[{init['index']}] ")
     _own_cores(init["cores"])
 
     from fastinfer.worker.model import load_model  # TVM is imported after pinning, inside
@@ -86,8 +85,8 @@ def serve(channel: BlockingChannel) -> int:
     stop = threading.Event()
     threading.Thread(target=_beat, args=(channel, init["heartbeat_s"], stop), daemon=True).start()
     try:
-        while (message := channel.recv()) is not None and message["op"] != "stop":
-            channel.send(_run(message, models, layouts, slots))
+        while (request := channel.recv()) is not None and request["op"] != "stop":
+            channel.send(_run(request, models, layouts, slots))
     finally:
         stop.set()
     return 0

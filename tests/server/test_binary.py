@@ -25,7 +25,7 @@ async def server(tmp_path):
         binary_socket=str(tmp_path / "binary.sock"),
         cache_dir=str(tmp_path),
         shm_slot_bytes=1 << 20,
-        shm_slots_per_worker=8,
+        shm_slots_per_worker=16,
         max_body_bytes=1 << 20,
     )
     server = Server(config)

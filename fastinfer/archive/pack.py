@@ -1,0 +1,595 @@
+"""Build a model archive: ONNX -> Relax -> compiled libraries, verified, packed with their manifest.
+
+The archive is written to a temporary file beside the destination and renamed into place only once
+it is complete and its outputs agree with a reference run of the ONNX graph, so an interrupted or
+failed build leaves neither a partial archive nor a staging folder behind.
+
+Batch sizes: untuned, one library takes any batch (the batch axis stays symbolic). Tuning needs
+static shapes, so a tuned archive holds one library per batch size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+import fastinfer
+from fastinfer.archive import target as targets
+from fastinfer.archive import tuning
+from fastinfer.archive.manifest import MANIFEST_NAME, ArchiveError, FileEntry, Manifest, Tuning
+from fastinfer.preprocess import ImagePreprocess
+from fastinfer.signature import TensorSpec
+
+# ImageNet mean and std of torchvision models, on 0-255 pixels.
+IMAGENET = ImagePreprocess(
+    resize_shorter=256, crop=224, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), layout="NCHW"
+)
+SHIPPED_RECORDS = Path(__file__).resolve().parent.parent / "models" / "tuning"
+TOLERANCE = 1e-3  # largest error allowed, relative to the largest reference output
+
+
+@dataclass
+class BuildOptions:
+    """What ``fastinfer archive`` was asked for."""
+
+    name: str
+    version: str = "1"
+    labels_path: str | None = None
+    top_k: int | None = None  # None: 5 with labels, else 0
+    preprocess: str = "none"  # none, imagenet, or a JSON file of ImagePreprocess fields
+    target: str = "cpu"
+    batch_sizes: tuple[int, ...] | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tune_trials: int = 0  # trials per task; 0: untuned unless stored records cover the model
+    cache_dir: str = ""
+    num_cores: int | None = None
+    use_stored_records: bool = False  # a tuned build from cached or shipped records alone, no search
+    stream: TextIO | None = None
+
+
+def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptions) -> Manifest:
+    """Compile ``onnx_path`` as ``options`` say and write the archive to ``output``."""
+    stream = options.stream or sys.stderr
+    output = Path(output)
+    started = time.monotonic()
+    try:
+        source = Path(onnx_path).read_bytes()
+    except OSError as error:
+        raise ArchiveError(f"cannot read {onnx_path}: {error.strerror}") from error
+    model = _load_onnx(source, str(onnx_path))
+    target = targets.resolve(options.target, options.num_cores)
+    _check_operators(model)
+    shapes = _apply_input_shapes(model, options.input_shapes)
+    batch = _batch_axis(model)
+    tuned = target["kind"] == "llvm" and (options.tune_trials > 0 or options.use_stored_records)
+    sizes, served = _plan_batch_sizes(batch, options.batch_sizes, tuned)
+    preprocess = _preprocess(options.preprocess, model)  # bad options fail before minutes of compiling
+    labels = read_labels(options.labels_path) if options.labels_path else None
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        libraries, tuning_info = _compile(model, target, sizes, tuned, options, staging, stream)
+        verification = _verify(model, staging, libraries, target, stream)
+        extra = _write_postprocess(labels, options.top_k, staging)
+        inputs = _input_specs(model)
+        outputs = _output_specs(staging, libraries, target, inputs, model)
+        manifest = Manifest(
+            name=options.name,
+            version=options.version,
+            inputs=inputs,
+            outputs=outputs,
+            batch_sizes=served,
+            libraries={("any" if s is None else str(s)): path for s, path in libraries.items()},
+            target=target,
+            tvm_version=_tvm_version(),
+            fastinfer_version=fastinfer.__version__,
+            preprocess=preprocess.to_dict() if preprocess else None,
+            top_k=extra["top_k"],
+            labels_file=extra["labels_file"],
+            tuning=tuning_info,
+            build={
+                "source": Path(onnx_path).name,
+                "source_sha256": hashlib.sha256(source).hexdigest(),
+                "input_shapes": {k: list(v) for k, v in shapes.items()},
+                "host_cpu": targets.host_cpu(),
+                "seconds": round(time.monotonic() - started, 1),
+                "verified": verification,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+        _write_zip(manifest, staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Manifest.from_json(_read_manifest_text(output))
+
+
+def _read_manifest_text(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(MANIFEST_NAME)
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__
+
+
+def _load_onnx(data: bytes, label: str) -> Any:
+    import onnx
+
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as error:  # protobuf raises its own DecodeError, or RuntimeWarning-ish errors
+        raise ArchiveError(f"{label} is not an ONNX model: {error}") from error
+    if not model.graph.node:
+        raise ArchiveError(f"{label} is not an ONNX model: it holds no graph")
+    return model
+
+
+def _check_operators(model: Any) -> None:
+    """Name every operator the TVM ONNX frontend cannot convert, before conversion fails on one."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    missing: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in known:
+            label = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            missing[label] = missing.get(label, 0) + 1
+    if missing:
+        listed = ", ".join(f"{op} ({count} node{'s' if count > 1 else ''})" for op, count in sorted(missing.items()))
+        raise ArchiveError(f"TVM's ONNX frontend cannot convert these operators: {listed}")
+
+
+def _graph_inputs(model: Any) -> list:
+    initializers = {init.name for init in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
+def _apply_input_shapes(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    inputs = {value.name: value for value in _graph_inputs(model)}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise ArchiveError(f"--input-shape names {name!r}; the model's inputs are {', '.join(inputs)}")
+        shape = inputs[name].type.tensor_type.shape
+        del shape.dim[:]
+        for size in dims:
+            shape.dim.add().dim_value = size
+    return shapes
+
+
+def _batch_axis(model: Any) -> int | None:
+    """The model's fixed batch size, or None if the batch axis is symbolic; other axes must be fixed."""
+    sizes = set()
+    for value in _graph_inputs(model):
+        dims = list(value.type.tensor_type.shape.dim)
+        if not dims:
+            raise ArchiveError(f"input {value.name!r} is a scalar; fastinfer batches along a leading axis")
+        for axis, dim in enumerate(dims[1:], start=1):
+            if not (dim.HasField("dim_value") and dim.dim_value > 0):
+                example = ",".join(["1"] + [str(d.dim_value) if d.dim_value > 0 else "?" for d in dims[1:]])
+                raise ArchiveError(
+                    f"input {value.name!r} has a dynamic dimension at axis {axis}"
+                    f"{' (' + dim.dim_param + ')' if dim.dim_param else ''}; only the batch axis may be dynamic: "
+                    f"fix it with --input-shape {value.name}={example}"
+                )
+        first = dims[0]
+        sizes.add(first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else None)
+    if len(sizes) != 1:
+        raise ArchiveError("the model's inputs disagree on their batch axis; fix them with --input-shape")
+    return sizes.pop()
+
+
+def _plan_batch_sizes(
+    batch: int | None, wanted: tuple[int, ...] | None, tuned: bool
+) -> tuple[list[int | None], tuple[int, ...] | None]:
+    """Batch sizes to compile (None: one library with a symbolic batch axis), and sizes to serve."""
+    if wanted:
+        if any(size < 1 for size in wanted):
+            raise ArchiveError("--batch-sizes must be positive")
+        wanted = tuple(sorted(set(wanted)))
+        return (list(wanted) if tuned else [None]), wanted
+    if batch is not None:
+        return [batch], (batch,)
+    if tuned:
+        return [1, 8], (1, 8)
+    return [None], None
+
+
+def _with_batch(model: Any, batch: int | str) -> Any:
+    """A copy of ``model`` whose inputs' and outputs' leading axis is ``batch`` (a size or a name)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.value_info[:]  # shapes inferred for the old batch size would contradict the new one
+    initializers = {init.name for init in copy.graph.initializer}
+    for value in [*copy.graph.input, *copy.graph.output]:
+        if value.name in initializers or not value.type.tensor_type.shape.dim:
+            continue
+        dim = value.type.tensor_type.shape.dim[0]
+        if isinstance(batch, int):
+            dim.dim_value = batch
+        else:
+            dim.dim_param = batch
+    return copy
+
+
+def _compile(
+    model: Any,
+    target: dict,
+    sizes: list[int | None],
+    tuned: bool,
+    options: BuildOptions,
+    staging: Path,
+    stream: TextIO,
+) -> tuple[dict[int | None, str], Tuning | None]:
+    """Compile one library per entry of ``sizes``; returns archive paths and the tuning summary."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    libraries: dict[int | None, str] = {}
+    (staging / "lib").mkdir()
+    records = _records_dir(options.cache_dir, target)
+    seeded = _seed_records(records, target) if tuned else ""
+    mods = {}
+    for size in sizes:
+        label = f"{options.name} batch {size or 'N'}"
+        try:
+            mods[size] = from_onnx(_with_batch(model, "N" if size is None else size), keep_params_in_input=False)
+        except Exception as error:
+            raise ArchiveError(f"TVM could not convert {label}: {error}{_batch_hint(model, size)}") from error
+    tasks_total = tuned_now = 0
+    if tuned:
+        mods, tasks_total, tuned_now = _tune(mods, target, records, options, stream)
+    for size, mod in mods.items():
+        path = "lib/model.so" if size is None else f"lib/model-b{size}.so"
+        if tuned:
+            _tuned_build(mod, target, records, f"{options.name} batch {size}", staging / path, stream)
+        else:
+            _plain_build(mod, target, staging / path, f"{options.name} batch {size or 'N'}")
+        libraries[size] = path
+    if not tuned:
+        return libraries, None
+    (staging / "tuning").mkdir()
+    _export_records(records, staging / "tuning", model, target, [s for s in sizes if s is not None])
+    source = ",".join(filter(None, ["tuned" if tuned_now else "", f"shipped:{seeded}" if seeded else "cache"]))
+    return libraries, Tuning(
+        trials_per_task=options.tune_trials if tuned_now else 0,
+        tasks=tasks_total,
+        tasks_tuned_now=tuned_now,
+        workloads_file=f"tuning/{tuning.WORKLOADS_FILE}",
+        records_file=f"tuning/{tuning.RECORDS_FILE}",
+        records_source=source,
+    )
+
+
+def _batch_hint(model: Any, size: int | None) -> str:
+    batch = _batch_axis(model)
+    if batch is not None and size != batch:
+        return (
+            f" (the graph was exported for batch {batch} and may hard-code it, e.g. in a Reshape: "
+            f"build it without --batch-sizes, or re-export it with a dynamic batch axis)"
+        )
+    return ""
+
+
+def _plain_build(mod: Any, target: dict, path: Path, label: str) -> None:
+    import tvm
+    from tvm import relax
+
+    try:
+        if target["kind"] == "cuda":
+            from tvm.s_tir import dlight
+
+            with tvm.target.Target(target):
+                mod = tvm.ir.transform.Sequential(
+                    [
+                        relax.get_pipeline("zero"),
+                        dlight.ApplyDefaultSchedule(
+                            dlight.gpu.Matmul(),
+                            dlight.gpu.GEMV(),
+                            dlight.gpu.Reduction(),
+                            dlight.gpu.GeneralReduction(),
+                            dlight.gpu.Fallback(),
+                        ),
+                    ]
+                )(mod)
+        executable = relax.build(mod, target=tvm.target.Target(target))
+        executable.export_library(str(path))
+    except Exception as error:
+        raise ArchiveError(f"TVM could not compile {label}: {error}") from error
+
+
+def _records_key(target: dict) -> str:
+    key = {k: v for k, v in target.items() if k != "num-cores"}  # records replay on any core count
+    return hashlib.sha256(json.dumps([key, _tvm_version()], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _records_dir(cache_dir: str, target: dict) -> Path:
+    base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "fastinfer-tuning"
+    return base / "tuning" / f"{target.get('mcpu', target['kind'])}-{_records_key(target)}"
+
+
+def shipped_records(target: dict) -> Path | None:
+    """The folder of records that ship in the package for this target's CPU level, if any.
+
+    They are gzipped JSON databases (``database_*.json.gz``), a tenth of their plain size.
+    """
+    if target.get("kind") != "llvm" or not target.get("mcpu"):
+        return None
+    folder = SHIPPED_RECORDS / target["mcpu"]
+    return folder if (folder / f"{tuning.RECORDS_FILE}.gz").exists() else None
+
+
+def shipped_digest(target: dict) -> str:
+    """A hash of the shipped records for ``target`` ("" when none), so builds notice new records."""
+    folder = shipped_records(target)
+    if folder is None:
+        return ""
+    return hashlib.sha256((folder / f"{tuning.RECORDS_FILE}.gz").read_bytes()).hexdigest()[:16]
+
+
+def _seed_records(records: Path, target: dict) -> str:
+    """Merge the shipped records for ``target`` into the cache database once; returns their name or ""."""
+    shipped = shipped_records(target)
+    if shipped is None:
+        return ""
+    records.mkdir(parents=True, exist_ok=True)
+    marker = records / f".seeded-{shipped_digest(target)}"
+    if not marker.exists():
+        unpacked = Path(tempfile.mkdtemp(prefix=".shipped-", dir=records))
+        try:
+            for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
+                (unpacked / name).write_bytes(gzip.decompress((shipped / f"{name}.gz").read_bytes()))
+            tuning.merge(unpacked, records)
+        finally:
+            shutil.rmtree(unpacked, ignore_errors=True)
+        marker.touch()
+    return str(target["mcpu"])
+
+
+def _tune(mods: dict, target: dict, records: Path, options: BuildOptions, stream: TextIO) -> tuple[dict, int, int]:
+    """Prepare every batch size's module for tuning; tune what the records miss, in one run."""
+    import tvm
+
+    tvm_target = tvm.target.Target(target)
+    try:
+        prepared = {size: tuning.pre_tuning(mod, tvm_target) for size, mod in mods.items()}
+        tasks = sum(len(tuning.all_tasks(mod, tvm_target)) for mod in prepared.values())
+        tuned = 0
+        if options.tune_trials > 0:
+            sizes = ", ".join(str(s) for s in prepared)
+            label = f"{options.name} (batch {sizes})"
+            tuned = tuning.tune(
+                list(prepared.values()), tvm_target, records, options.tune_trials, label=label, stream=stream
+            )
+    except ArchiveError:
+        raise
+    except Exception as error:
+        raise ArchiveError(f"tuning {options.name} failed: {error}") from error
+    return prepared, tasks, tuned
+
+
+def _tuned_build(mod: Any, target: dict, records: Path, label: str, path: Path, stream: TextIO) -> None:
+    """Build ``mod`` (prepared for tuning) with the best schedules the records hold."""
+    import tvm
+    from tvm import relax
+
+    tvm_target = tvm.target.Target(target)
+    try:
+        database = tuning.load_database(records)
+        missing = len(tuning.untuned_tasks(mod, tvm_target, database))
+        if missing:
+            print(f"{label}: {missing} tasks have no tuning record; they run with default schedules", file=stream)
+        mod = tuning.apply_records(mod, tvm_target, database)
+        relax.build(mod, target=tvm_target).export_library(str(path))
+    except Exception as error:
+        raise ArchiveError(f"TVM could not compile {label}: {error}") from error
+
+
+def _export_records(records: Path, dest: Path, model: Any, target: dict, sizes: list[int]) -> None:
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    tvm_target = tvm.target.Target(target)
+    mods = [tuning.pre_tuning(from_onnx(_with_batch(model, s), keep_params_in_input=False), tvm_target) for s in sizes]
+    tuning.export_subset(mods, tvm_target, tuning.load_database(records), dest)
+
+
+def _input_specs(model: Any) -> tuple[TensorSpec, ...]:
+    from onnx import helper
+
+    specs = []
+    for value in _graph_inputs(model):
+        tensor_type = value.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+        specs.append(TensorSpec(value.name, dtype, tuple(d.dim_value for d in list(tensor_type.shape.dim)[1:])))
+    return tuple(specs)
+
+
+def _sample(specs: tuple[TensorSpec, ...], batch: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = []
+    for spec in specs:
+        shape = (batch, *spec.shape)
+        if np.dtype(spec.dtype).kind == "f":
+            arrays.append(rng.random(shape, dtype=np.float32).astype(spec.dtype))
+        else:
+            arrays.append(np.zeros(shape, spec.dtype))
+    return arrays
+
+
+def _reference(model: Any, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
+    """Outputs of ONNX Runtime when installed, else of ``onnx.reference``."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        return list(ReferenceEvaluator(model).run(None, feeds)), "onnx.reference"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # its failures reach us as exceptions; its warnings are noise here
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return list(session.run(None, feeds)), f"onnxruntime {ort.__version__}"
+
+
+def _run_library(path: Path, target: dict, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    import tvm
+    from tvm import relax
+
+    device = tvm.cuda(0) if target["kind"] == "cuda" else tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), device)
+    result = vm["main"](*(tvm.runtime.tensor(x, device) for x in inputs))
+    results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+    return [r.numpy() for r in results]
+
+
+def _verify(model: Any, staging: Path, libraries: dict[int | None, str], target: dict, stream: TextIO) -> dict:
+    """Run each library on a sample batch and compare with the reference; refuse a disagreement."""
+    if target["kind"] == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise ArchiveError("cannot verify a CUDA build on a host without a CUDA device")
+    inputs = _input_specs(model)
+    report: dict = {"tolerance": TOLERANCE, "checks": []}
+    for size, path in libraries.items():
+        batches = [size] if size is not None else [1, 3]
+        for batch in batches:
+            sample = _sample(inputs, batch)
+            graph = _with_batch(model, batch)
+            try:
+                expected, reference = _reference(graph, {s.name: x for s, x in zip(inputs, sample, strict=True)})
+            except Exception as error:
+                hint = _batch_hint(model, batch)
+                raise ArchiveError(
+                    f"the reference could not run the model at batch {batch}: {str(error).strip()}{hint}"
+                ) from error
+            try:
+                got = _run_library(staging / path, target, sample)
+            except Exception as error:
+                raise ArchiveError(f"the compiled model failed at batch {batch}: {error}") from error
+            worst = 0.0
+            for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+                if a.shape != b.shape:
+                    raise ArchiveError(
+                        f"output {index} at batch {batch} has shape {a.shape}; the reference gives {b.shape}"
+                        + _batch_hint(model, batch)
+                    )
+                scale = max(float(np.abs(b).max()), 1e-6)
+                worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()) / scale)
+            if worst > TOLERANCE:
+                raise ArchiveError(
+                    f"the compiled model disagrees with {reference} at batch {batch}: largest error "
+                    f"{worst:.2e} of the output's scale (allowed {TOLERANCE:.0e}); no archive written"
+                    + _batch_hint(model, batch)
+                )
+            report["reference"] = reference
+            report["checks"].append({"batch": batch, "relative_error": worst})
+            print(f"verified batch {batch} against {reference}: relative error {worst:.1e}", file=stream)
+    return report
+
+
+def _output_specs(
+    staging: Path, libraries: dict[int | None, str], target: dict, inputs: tuple[TensorSpec, ...], model: Any
+) -> tuple[TensorSpec, ...]:
+    size, path = next(iter(libraries.items()))
+    outputs = _run_library(staging / path, target, _sample(inputs, size or 1))
+    names = [value.name for value in model.graph.output]
+    return tuple(TensorSpec(n, o.dtype.name, tuple(o.shape[1:])) for n, o in zip(names, outputs, strict=True))
+
+
+def _preprocess(spec: str, model: Any) -> ImagePreprocess | None:
+    if spec in ("", "none"):
+        return None
+    if spec == "imagenet":
+        pre = IMAGENET
+    else:
+        try:
+            data = json.loads(Path(spec).read_text())
+            pre = ImagePreprocess(
+                resize_shorter=int(data["resize_shorter"]),
+                crop=int(data["crop"]),
+                mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+                layout=str(data.get("layout", "NCHW")),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ArchiveError(f"--preprocess {spec}: expected imagenet, none or a JSON file: {error}") from error
+    first = _input_specs(model)[0]
+    if first.shape != pre.sample_shape() or np.dtype(first.dtype) != np.float32:
+        raise ArchiveError(
+            f"--preprocess makes float32 samples of shape {pre.sample_shape()}, but input {first.name!r} "
+            f"takes {first.dtype} {first.shape}"
+        )
+    return pre
+
+
+def _write_postprocess(labels: list[str] | None, top_k: int | None, staging: Path) -> dict:
+    labels_file = None
+    if labels:
+        (staging / "labels.txt").write_text("\n".join(labels) + "\n", "utf-8")
+        labels_file = "labels.txt"
+    return {"top_k": top_k if top_k is not None else (5 if labels_file else 0), "labels_file": labels_file}
+
+
+def read_labels(path: str) -> list[str]:
+    """Class names by index: a text file (one a line), a JSON list, or a JSON dict index -> name."""
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as error:
+        raise ArchiveError(f"cannot read labels {path}: {error.strerror}") from error
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise ArchiveError(f"labels {path} is not valid JSON: {error}") from error
+        if isinstance(data, dict):
+            return [str(data[str(i)]) for i in range(len(data))]
+        return [str(item) for item in data]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_zip(manifest: Manifest, staging: Path, output: Path) -> None:
+    """Hash every staged file, write the zip beside ``output``, and rename it into place."""
+    files = {}
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        name = path.relative_to(staging).as_posix()
+        files[name] = FileEntry(_sha256(path), path.stat().st_size)
+    manifest = Manifest(**{**manifest.__dict__, "files": files})
+    fd, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as archive:
+            archive.writestr(MANIFEST_NAME, manifest.to_json(), zipfile.ZIP_DEFLATED)
+            for name in files:
+                compression = zipfile.ZIP_STORED if name.endswith(".so") else zipfile.ZIP_DEFLATED
+                archive.write(staging / name, name, compression)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; an archive is not
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

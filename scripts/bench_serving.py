@@ -1,0 +1,241 @@
+"""Served throughput and latency against the model's own best, and against Flask + gunicorn.
+
+One run on this machine, the same compiled SqueezeNet 1.0 everywhere:
+1. in-process: the compiled model called directly at batch 1, 2, 4, 8 (the best is the ceiling);
+2. fastinfer over the binary protocol and over HTTP (raw tensors), closed loop, at several
+   concurrencies (``fastinfer bench``);
+3. Flask + gunicorn (2 sync workers, one TVM thread each) over HTTP, the same way.
+It prints a table, and with ``--out DIR`` writes benchmarks.md and a plot there.
+
+    python scripts/bench_serving.py --duration-s 10 --out docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from fastinfer.compiler import compile_onnx
+
+HERE = Path(__file__).resolve().parent
+CONCURRENCIES = (1, 4, 16, 32)
+
+
+def squeezenet_with_symbolic_batch(folder: Path) -> Path:
+    """The onnx package's light SqueezeNet 1.0, its batch axis made symbolic so it can batch."""
+    source = Path(onnx.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
+    model = onnx.load(source)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    path = folder / "squeezenet.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def in_process_best(library: Path, compiled, seconds: float) -> dict[int, float]:
+    """Samples per second of the compiled model called directly, by batch size."""
+    from fastinfer.worker.model import aligned_zeros
+    from fastinfer.worker.runtime import TvmRuntime
+
+    runtime = TvmRuntime(library, compiled.inputs, compiled.outputs, compiled.batch_sizes)
+    runtime.load()
+    spec = compiled.inputs[0]
+    rates = {}
+    for batch in (1, 2, 4, 8):
+        array = aligned_zeros((batch, *spec.shape), spec.dtype)
+        array[:] = np.random.default_rng(0).random(array.shape)
+        runtime.run([array])
+        times = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            start = time.perf_counter()
+            runtime.run([array])
+            times.append(time.perf_counter() - start)
+        rates[batch] = batch / float(np.median(times))
+    return rates
+
+
+def wait_for_line(log: Path, pattern: str, timeout_s: float) -> re.Match:
+    """Wait for a line of a process's log (a file, so that a full pipe never blocks the process)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if match := re.search(pattern, log.read_text()):
+            return match
+        time.sleep(0.2)
+    raise RuntimeError(f"no line matching {pattern!r} in {log}")
+
+
+def bench(url: str, model: str, concurrency: int, seconds: float, shape: str, input_name: str) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "fastinfer",
+        "bench",
+        "--url",
+        url,
+        "--model",
+        model,
+        "--concurrency",
+        str(concurrency),
+        "--duration-s",
+        str(seconds),
+        "--shape",
+        shape,
+        "--input-name",
+        input_name,
+        "--json",
+    ]
+    import json
+
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, help="write benchmarks.md and serving.png here")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        onnx_path = squeezenet_with_symbolic_batch(folder)
+        cores = len(os.sched_getaffinity(0))
+        compiled = compile_onnx(onnx_path, folder / "cache", cores)
+        shape = ",".join(str(d) for d in (1, *compiled.inputs[0].shape))
+        print(f"SqueezeNet 1.0, {cores} cores, input {shape}", flush=True)
+
+        ceiling = in_process_best(compiled.library_path, compiled, min(args.duration_s, 5.0))
+        best = max(ceiling.values())
+        print("in-process: " + ", ".join(f"batch {b}: {r:.1f}/s" for b, r in ceiling.items()), flush=True)
+
+        rows = []
+        server_log = folder / "server.log"
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fastinfer",
+                "serve",
+                "--models",
+                f"squeezenet={onnx_path}",
+                "--http-port",
+                "0",
+                "--management-port",
+                "0",
+                "--binary-port",
+                "0",
+                "--cache-dir",
+                str(folder / "cache"),
+                "--queue-max-size",
+                "1024",
+            ],
+            stderr=server_log.open("w"),
+        )
+        try:
+            ports = wait_for_line(server_log, r"http://127\.0\.0\.1:(\d+),.*binary tcp://127\.0\.0\.1:(\d+)", 120)
+            wait_for_line(server_log, "ready: all workers are warm", 600)
+            for concurrency in args.concurrency:
+                for protocol, url in (
+                    ("binary", f"tcp://127.0.0.1:{ports[2]}"),
+                    ("http", f"http://127.0.0.1:{ports[1]}"),
+                ):
+                    result = bench(url, "squeezenet", concurrency, args.duration_s, shape, compiled.inputs[0].name)
+                    rows.append({"server": f"fastinfer {protocol}", **result})
+                    print(rows[-1], flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+        environment = {
+            **os.environ,
+            "FASTINFER_BASELINE_LIBRARY": str(compiled.library_path),
+            "FASTINFER_BASELINE_SIGNATURE": str(compiled.library_path.parent / "signature.json"),
+            "TVM_NUM_THREADS": "1",
+        }
+        baseline_log = folder / "baseline.log"
+        baseline = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-w",
+                str(cores),
+                "-b",
+                "127.0.0.1:0",
+                "--chdir",
+                str(HERE),
+                "flask_baseline:app",
+            ],
+            stderr=baseline_log.open("w"),
+            env=environment,
+        )
+        try:
+            port = wait_for_line(baseline_log, r"Listening at: http://127\.0\.0\.1:(\d+)", 60)[1]
+            time.sleep(3)  # workers import TVM
+            for concurrency in args.concurrency:
+                result = bench(
+                    f"http://127.0.0.1:{port}",
+                    "squeezenet",
+                    concurrency,
+                    args.duration_s,
+                    shape,
+                    compiled.inputs[0].name,
+                )
+                rows.append({"server": "flask+gunicorn", **result})
+                print(rows[-1], flush=True)
+        finally:
+            baseline.terminate()
+            baseline.wait(30)
+
+    report(rows, ceiling, best, args)
+
+
+def report(rows: list[dict], ceiling: dict[int, float], best: float, args) -> None:
+    lines = [
+        "| server | concurrency | throughput (req/s) | of in-process best | p50 (ms) | p99 (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['server']} | {row['concurrency']} | {row['throughput_rps']:.1f} | "
+            f"{row['throughput_rps'] / best:.0%} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |"
+        )
+    table = "\n".join(lines)
+    ceiling_line = ", ".join(f"batch {b}: {r:.1f} samples/s" for b, r in ceiling.items())
+    print(f"\nin-process ceiling: {ceiling_line}\n\n{table}")
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for server in dict.fromkeys(row["server"] for row in rows):
+        mine = [row for row in rows if row["server"] == server]
+        left.plot([r["concurrency"] for r in mine], [r["throughput_rps"] for r in mine], marker="o", label=server)
+        right.plot([r["concurrency"] for r in mine], [r["p99_ms"] for r in mine], marker="o", label=server)
+    left.axhline(best, linestyle="--", color="grey", label="in-process best")
+    left.set(xscale="log", xlabel="concurrency", ylabel="requests/s", title="Throughput")
+    right.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="ms", title="p99 latency")
+    left.legend()
+    figure.tight_layout()
+    figure.savefig(args.out / "serving.png", dpi=100)
+    (args.out / "serving.md").write_text(
+        f"In-process ceiling: {ceiling_line}.\n\n{table}\n\n![throughput and p99 latency](serving.png)\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

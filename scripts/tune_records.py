@@ -1,0 +1,57 @@
+"""Tune models for a portable CPU level and keep the best record of each task in one folder.
+
+This produced the records that ship in ``fastinfer/models/tuning/<level>/`` for the default
+EfficientNet-Lite0. Run it niced: it takes every core for minutes.
+
+    nice -n 19 python scripts/tune_records.py --mcpu x86-64-v4 --trials 8 --out DIR efficientnet:1 squeezenet:1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+
+def model_path(name: str, cache: str) -> str:
+    if name == "efficientnet":
+        from fastinfer.models import default
+
+        return str(default.onnx_path(cache))
+    return str(Path(onnx.__file__).parent / "backend/test/data/light" / f"light_{name}.onnx")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="NAME:BATCH, NAME efficientnet or a light_NAME model of onnx")
+    parser.add_argument("--mcpu", default="x86-64-v4")
+    parser.add_argument("--num-cores", type=int, default=os.cpu_count())
+    parser.add_argument("--trials", type=int, default=8, help="trials per task")
+    parser.add_argument("--total", type=int, help="trials in all per model (the scheduler picks the tasks)")
+    parser.add_argument("--retune", action="store_true", help="search tasks that have records too")
+    parser.add_argument("--out", required=True, help="records folder (merged into when it exists)")
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "fastinfer-tune-cache"))
+    args = parser.parse_args()
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from fastinfer.archive import tuning
+    from fastinfer.archive.pack import _with_batch
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores})
+    for spec in args.models:
+        name, _, batch = spec.partition(":")
+        model = onnx.load(model_path(name, args.cache_dir))
+        mod = from_onnx(_with_batch(model, int(batch or 1)), keep_params_in_input=False)
+        mod = tuning.pre_tuning(mod, target)
+        tuning.tune([mod], target, Path(args.out), args.trials, label=spec, total_trials=args.total, retune=args.retune)
+
+
+if __name__ == "__main__":
+    main()
