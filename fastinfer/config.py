@@ -42,7 +42,10 @@ class Config:
     models: tuple[str, ...] = field(
         default=(), metadata={"help": "NAME=PATH of each model to serve (ONNX file); none: the default model"}
     )
-    devices: str = field(default="cpu:1", metadata={"help": "cpu:N runs N workers that split the cores"})
+    devices: str = field(
+        default="cpu:1",
+        metadata={"help": "cpu:N runs N workers that split the cores; cuda:0,cuda:1 runs one worker per GPU"},
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "address of the inference listeners"})
     http_port: int = field(default=8080, metadata={"help": "HTTP inference port (0: any free port)"})
     management_port: int = field(default=8081, metadata={"help": "management port, bound to 127.0.0.1"})
@@ -59,6 +62,12 @@ class Config:
     batch_max_size: int = field(default=8, metadata={"help": "most requests one batch holds"})
     batch_max_delay_s: float = field(
         default=0.0, metadata={"help": "longest a partial batch waits for more when a worker is free (0: none)"}
+    )
+    gpu_batch_max_size: int = field(
+        default=64, metadata={"help": "batch_max_size of GPU workers (a GPU's throughput grows with the batch)"}
+    )
+    gpu_batch_max_delay_s: float = field(
+        default=0.002, metadata={"help": "batch_max_delay_s of GPU workers: a short wait lets batches fill"}
     )
     queue_max_size: int = field(default=256, metadata={"help": "requests waiting per model before 503"})
     max_body_bytes: int = field(default=16 << 20, metadata={"help": "largest request body accepted"})
@@ -149,10 +158,32 @@ class Config:
         return dict(spec.split("=", 1) for spec in self.models)
 
     def worker_count(self) -> int:
+        return len(self.device_list())
+
+    def device_list(self) -> list[str]:
+        """One device per worker: ``cpu`` N times for ``cpu:N``; ``cuda:I`` for each GPU named.
+
+        CPU and GPU workers do not mix: a generation's batcher has one set of batch limits.
+        """
+        items = [item.strip() for item in self.devices.split(",") if item.strip()]
         kind, _, count = self.devices.partition(":")
-        if kind != "cpu" or not count.isdigit() or int(count) < 1:
-            raise ConfigError(f"--devices expects cpu:N with N >= 1, got {self.devices!r}")
-        return int(count)
+        if kind == "cpu" and count.isdigit() and int(count) >= 1:
+            return ["cpu"] * int(count)
+        if items and all(i.startswith("cuda:") and i[5:].isdigit() for i in items) and len(set(items)) == len(items):
+            return [f"cuda:{int(i[5:])}" for i in items]
+        raise ConfigError(
+            f"--devices expects cpu:N with N >= 1, or GPUs such as cuda:0 or cuda:0,cuda:1, got {self.devices!r}"
+        )
+
+    @property
+    def on_gpus(self) -> bool:
+        return self.device_list()[0] != "cpu"
+
+    def batch_limits(self) -> tuple[int, float]:
+        """``(batch_max_size, batch_max_delay_s)`` for this config's workers: GPUs prefer large batches."""
+        if self.on_gpus:
+            return self.gpu_batch_max_size, self.gpu_batch_max_delay_s
+        return self.batch_max_size, self.batch_max_delay_s
 
     @property
     def cache_path(self) -> Path:

@@ -115,11 +115,12 @@ class Supervisor:
         return self._generation.failure
 
     def _new_batcher(self, pool: SlotPool, workers: list[WorkerHandle]) -> Batcher:
+        max_size, max_delay_s = self.config.batch_limits()  # GPU workers: larger batches, a short wait
         return Batcher(
             pool,
             workers,
-            batch_max_size=self.config.batch_max_size,
-            batch_max_delay_s=self.config.batch_max_delay_s,
+            batch_max_size=max_size,
+            batch_max_delay_s=max_delay_s,
             queue_max_size=self.config.queue_max_size,
             on_batch=self.metrics.batch_done,
         )
@@ -139,11 +140,16 @@ class Supervisor:
             "shm_name": generation.pool.name,
             "slot_count": generation.pool.slot_count,
             "slot_bytes": generation.pool.slot_bytes,
-            "batch_limit": self.config.batch_max_size,
+            "batch_limit": self.config.batch_limits()[0],
             "heartbeat_s": self.config.worker_heartbeat_s,
         }
-        for cores in split_cores(sorted(os.sched_getaffinity(0)), generation.worker_count):
-            handle = WorkerHandle(self._next_index, cores, init)
+        # A GPU worker gets a share of the cores like a CPU worker: its kernels run on the GPU, but it
+        # decodes images and copies batches on the CPU, and pinning keeps workers off each other's cores.
+        devices = self.config.device_list()
+        shares = split_cores(sorted(os.sched_getaffinity(0)), generation.worker_count)
+        for number, cores in enumerate(shares):
+            device = devices[number % len(devices)]  # scaled past the GPUs named: they are shared round-robin
+            handle = WorkerHandle(self._next_index, cores, {**init, "device": device})
             self._next_index += 1
             generation.workers.append(handle)
             generation.tasks.append(asyncio.create_task(self._keep_running(generation, handle)))

@@ -23,7 +23,8 @@ def add_archive_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         default="cpu",
-        help='cpu (this host\'s portable x86-64 level, detected), cuda, or a TVM target as JSON {"kind": "llvm", ...}',
+        help="cpu (this host's portable x86-64 level, detected), cuda (this host's GPU) or cuda:sm_90, a TVM "
+        'target as JSON {"kind": "llvm", ...}, or several kinds: cpu,cuda:sm_90',
     )
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes, e.g. 1,4,8 (default: the model's)")
     parser.add_argument(
@@ -155,6 +156,12 @@ def describe(manifest: Manifest, path: Path | None = None) -> str:
         labels = f"labels from {manifest.labels_file}" if manifest.labels_file else "class indices"
         lines.append(f"postprocess top {manifest.top_k} classes, {labels}")
     lines.append(f"target     {targets.describe(manifest.target)}; TVM {manifest.tvm_version}")
+    for extra in manifest.more_targets.values():
+        skipped = extra.get("verified", {}).get("skipped")
+        lines.append(
+            f"also       {targets.describe(extra['target'])}: {', '.join(sorted(extra['libraries'].values()))}"
+            + (f" ({skipped})" if skipped else "")
+        )
     tuning = manifest.tuning
     if tuning is None:
         lines.append("tuned      no (default TVM schedules: slow on CPUs)")
@@ -173,7 +180,9 @@ def describe(manifest: Manifest, path: Path | None = None) -> str:
     )
     if build.get("input_shapes"):
         lines.append(f"           input shapes fixed: {build['input_shapes']}")
-    if verified:
+    if verified.get("skipped"):
+        lines.append(f"verified   no: {verified['skipped']}")
+    elif verified:
         lines.append(f"verified   against {verified.get('reference')}: relative error {checks}")
     lines.append("files")
     for name, entry in sorted(manifest.files.items()):

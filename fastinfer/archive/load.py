@@ -29,9 +29,10 @@ class LoadedArchive:
     manifest: Manifest
     folder: Path
 
-    def library_paths(self) -> dict[int | None, Path]:
-        """Batch size (None: any) -> compiled library on disk."""
-        return {None if k == "any" else int(k): self.folder / v for k, v in self.manifest.libraries.items()}
+    def library_paths(self, kind: str | None = None) -> dict[int | None, Path]:
+        """Batch size (None: any) -> compiled library on disk, for target ``kind`` (None: the first)."""
+        _, libraries = self.manifest.target_for(kind or self.manifest.target["kind"])
+        return {None if k == "any" else int(k): self.folder / v for k, v in libraries.items()}
 
     def labels(self) -> list[str] | None:
         if not self.manifest.labels_file:
@@ -71,8 +72,9 @@ def _manifest(archive: zipfile.ZipFile, path: str | Path) -> Manifest:
     return Manifest.from_json(text)
 
 
-def check(archive: zipfile.ZipFile, manifest: Manifest, path: str | Path) -> None:
-    """Entry paths, hashes, TVM version and target; raise ArchiveError at the first that fails."""
+def check(archive: zipfile.ZipFile, manifest: Manifest, path: str | Path, kind: str | None = None) -> None:
+    """Entry paths, hashes, TVM version and target (of ``kind``; None: the first); raise ArchiveError
+    at the first that fails."""
     import tvm
 
     names = archive.namelist()
@@ -105,9 +107,11 @@ def check(archive: zipfile.ZipFile, manifest: Manifest, path: str | Path) -> Non
             f"{path} was built with TVM {manifest.tvm_version}; this server runs TVM {tvm.__version__}: "
             "rebuild it with `fastinfer archive`"
         )
-    reason = targets.mismatch(manifest.target)
+    target, _ = manifest.target_for(kind or manifest.target["kind"])
+    reason = targets.mismatch(target)
     if reason:
-        raise ArchiveError(f"{path}: {reason}; rebuild it for this host with `fastinfer archive --target cpu`")
+        flag = "cuda" if target.get("kind") == "cuda" else "cpu"
+        raise ArchiveError(f"{path}: {reason}; rebuild it for this host with `fastinfer archive --target {flag}`")
 
 
 def _file_sha256(path: str | Path) -> str:
@@ -118,11 +122,12 @@ def _file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load(path: str | Path, cache_dir: str | Path) -> LoadedArchive:
-    """Check the archive at ``path`` and extract it (once) under ``cache_dir``."""
+def load(path: str | Path, cache_dir: str | Path, kind: str | None = None) -> LoadedArchive:
+    """Check the archive at ``path`` for running its ``kind`` libraries (None: the first target's;
+    ``llvm``, ``cuda``) and extract it (once) under ``cache_dir``."""
     with _open(path) as archive:
         manifest = _manifest(archive, path)
-        check(archive, manifest, path)
+        check(archive, manifest, path, kind)
         key = _file_sha256(path)[:32]
         folder = Path(cache_dir) / "archives" / key
         folder.parent.mkdir(parents=True, exist_ok=True)

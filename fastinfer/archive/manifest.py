@@ -62,6 +62,25 @@ class Manifest:
     build: dict = field(default_factory=dict)  # source file and hash, host, time, verification
     files: dict[str, FileEntry] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
+    # Libraries for further targets in the same archive (``--target cpu,cuda``): target kind ->
+    # {"target": {...}, "libraries": {...}, "verified": {...}}; ``target``/``libraries`` are the first.
+    more_targets: dict[str, dict] = field(default_factory=dict)
+
+    def kinds(self) -> list[str]:
+        """The target kinds this archive holds libraries for, the first one first."""
+        return [self.target["kind"], *self.more_targets]
+
+    def target_for(self, kind: str) -> tuple[dict, dict[str, str]]:
+        """The target of ``kind`` and its libraries; ArchiveError if the archive has none."""
+        if kind == self.target["kind"]:
+            return self.target, self.libraries
+        if kind in self.more_targets:
+            extra = self.more_targets[kind]
+            return dict(extra["target"]), {str(k): str(v) for k, v in extra["libraries"].items()}
+        raise ArchiveError(
+            f"the archive holds libraries for {', '.join(self.kinds())}, not {kind}: "
+            f"rebuild it with `fastinfer archive --target {'cuda' if kind == 'cuda' else 'cpu'}`"
+        )
 
     def image_preprocess(self, max_pixels: int) -> ImagePreprocess | None:
         if not self.preprocess:
@@ -111,6 +130,7 @@ class Manifest:
                 build=dict(data.get("build", {})),
                 files={path: FileEntry(**entry) for path, entry in data["files"].items()},
                 schema=schema,
+                more_targets=dict(data.get("more_targets") or {}),
             )
         except ArchiveError:
             raise

@@ -69,7 +69,7 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
     except OSError as error:
         raise ArchiveError(f"cannot read {onnx_path}: {error.strerror}") from error
     model = _load_onnx(source, str(onnx_path))
-    target = targets.resolve(options.target, options.num_cores)
+    target, *more_targets = targets.resolve_all(options.target, options.num_cores)  # cpu,cuda: one archive
     _check_operators(model)
     shapes = _apply_input_shapes(model, options.input_shapes)
     batch = _batch_axis(model)
@@ -83,6 +83,14 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
     try:
         libraries, tuning_info = _compile(model, target, sizes, tuned, options, staging, stream)
         verification = _verify(model, staging, libraries, target, stream)
+        more = {}
+        for extra in more_targets:  # further targets: untuned, one library with a symbolic batch axis
+            extra_libraries = _compile_more(model, extra, options, staging)
+            more[extra["kind"]] = {
+                "target": extra,
+                "libraries": {("any" if s is None else str(s)): path for s, path in extra_libraries.items()},
+                "verified": _verify(model, staging, extra_libraries, extra, stream),
+            }
         extra = _write_postprocess(labels, options.top_k, staging)
         inputs = _input_specs(model)
         outputs = _output_specs(staging, libraries, target, inputs, model)
@@ -109,6 +117,7 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
                 "verified": verification,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
+            more_targets=more,
         )
         _write_zip(manifest, staging, output)
     finally:
@@ -274,6 +283,21 @@ def _compile(
         records_file=f"tuning/{tuning.RECORDS_FILE}",
         records_source=source,
     )
+
+
+def _compile_more(model: Any, target: dict, options: BuildOptions, staging: Path) -> dict[int | None, str]:
+    """One library with a symbolic batch axis for a further target, under ``lib/<kind>/``."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    label = f"{options.name} for {target['kind']}"
+    try:
+        mod = from_onnx(_with_batch(model, "N"), keep_params_in_input=False)
+    except Exception as error:
+        raise ArchiveError(f"TVM could not convert {label}: {error}{_batch_hint(model, None)}") from error
+    path = f"lib/{target['kind']}/model.so"
+    (staging / path).parent.mkdir(parents=True, exist_ok=True)
+    _plain_build(mod, target, staging / path, label)
+    return {None: path}
 
 
 def _batch_hint(model: Any, size: int | None) -> str:
@@ -460,11 +484,10 @@ def _run_library(path: Path, target: dict, inputs: list[np.ndarray]) -> list[np.
 
 def _verify(model: Any, staging: Path, libraries: dict[int | None, str], target: dict, stream: TextIO) -> dict:
     """Run each library on a sample batch and compare with the reference; refuse a disagreement."""
-    if target["kind"] == "cuda":
-        import tvm
-
-        if not tvm.cuda(0).exist:
-            raise ArchiveError("cannot verify a CUDA build on a host without a CUDA device")
+    if not targets.can_run_here(target):  # compile-only: recorded, and `inspect` says so
+        reason = f"not verified on-device: this host has no device for {targets.describe(target)}"
+        print(f"{reason}; serve it only after checking it on one", file=stream)
+        return {"skipped": reason, "checks": []}
     inputs = _input_specs(model)
     report: dict = {"tolerance": TOLERANCE, "checks": []}
     for size, path in libraries.items():
@@ -508,7 +531,11 @@ def _output_specs(
     staging: Path, libraries: dict[int | None, str], target: dict, inputs: tuple[TensorSpec, ...], model: Any
 ) -> tuple[TensorSpec, ...]:
     size, path = next(iter(libraries.items()))
-    outputs = _run_library(staging / path, target, _sample(inputs, size or 1))
+    if not targets.can_run_here(target):  # compile-only: the reference gives the outputs' specs
+        graph = _with_batch(model, size or 1)
+        outputs, _ = _reference(graph, {s.name: x for s, x in zip(inputs, _sample(inputs, size or 1), strict=True)})
+    else:
+        outputs = _run_library(staging / path, target, _sample(inputs, size or 1))
     names = [value.name for value in model.graph.output]
     return tuple(TensorSpec(n, o.dtype.name, tuple(o.shape[1:])) for n, o in zip(names, outputs, strict=True))
 

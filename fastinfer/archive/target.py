@@ -69,6 +69,11 @@ def resolve(spec: str, num_cores: int | None = None) -> dict:
         return {"kind": "llvm", "mcpu": portable_cpu(), "num-cores": num_cores}
     if spec == "cuda":
         return {"kind": "cuda", "arch": _cuda_arch()}
+    if spec.startswith("cuda:"):  # cuda:sm_90 names the architecture: builds without a GPU
+        arch = spec.removeprefix("cuda:")
+        if not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
+            raise ArchiveError(f"--target cuda:ARCH expects an architecture such as sm_90, got {spec!r}")
+        return {"kind": "cuda", "arch": arch}
     try:
         target = json.loads(spec)
     except ValueError:
@@ -86,12 +91,37 @@ def resolve(spec: str, num_cores: int | None = None) -> dict:
     return target
 
 
-def _cuda_arch() -> str:
-    import tvm
+def resolve_all(spec: str, num_cores: int | None = None) -> list[dict]:
+    """A comma-separated list of targets (``cpu,cuda``; one per kind) -> their JSON dicts, first first."""
+    parts = [spec] if spec.lstrip().startswith("{") else [part.strip() for part in spec.split(",") if part.strip()]
+    resolved = [resolve(part, num_cores) for part in parts or [spec]]
+    kinds = [t["kind"] for t in resolved]
+    if len(set(kinds)) != len(kinds):
+        raise ArchiveError(f"--target names one target per kind, got {spec!r}")
+    return resolved
 
-    device = tvm.cuda(0)
+
+def can_run_here(target: dict) -> bool:
+    """Whether this host has the device to run code built for ``target`` (for verification)."""
+    if target.get("kind") == "cuda":
+        from fastinfer.worker.cuda import tvm_cuda
+
+        try:
+            return bool(tvm_cuda(0).exist)
+        except Exception:  # no driver library: no GPU
+            return False
+    return mismatch(target) is None
+
+
+def _cuda_arch() -> str:
+    from fastinfer.worker.cuda import tvm_cuda
+
+    device = tvm_cuda(0)
     if not device.exist:
-        raise ArchiveError("--target cuda: no CUDA device on this host to detect the architecture of")
+        raise ArchiveError(
+            "--target cuda: no CUDA device on this host to detect the architecture of; "
+            'name it: --target cuda:sm_90 or \'{"kind": "cuda", "arch": "sm_90"}\''
+        )
     return "sm_" + device.compute_version.replace(".", "")
 
 
@@ -105,7 +135,6 @@ def _isa_features(target: dict) -> set[str]:
 
 def mismatch(target: dict) -> str | None:
     """Why this host cannot run code built for ``target``; None when it can."""
-    import tvm
     from tvm.target import codegen
 
     kind = target.get("kind")
@@ -113,6 +142,8 @@ def mismatch(target: dict) -> str | None:
         mcpu = target.get("mcpu")
         if not mcpu:
             return None  # generic code for the host's architecture
+        if runtime_only():
+            return _mismatch_without_llvm(mcpu)
         triple = target.get("mtriple") or codegen.llvm_get_system_triple()
         if not codegen.llvm_is_valid_cpu(mcpu, triple):
             return f"the archive targets CPU {mcpu!r}, which is not a CPU of this host's architecture ({triple})"
@@ -126,14 +157,46 @@ def mismatch(target: dict) -> str | None:
             )
         return None
     if kind == "cuda":
-        if not tvm.cuda(0).exist:
+        from fastinfer.worker.cuda import tvm_cuda
+
+        if not tvm_cuda(0).exist:
             return "the archive targets CUDA and this host has no CUDA device"
         arch = target.get("arch")
-        have = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        have = "sm_" + tvm_cuda(0).compute_version.replace(".", "")
         if arch and int(arch.removeprefix("sm_")) > int(have.removeprefix("sm_")):
             return f"the archive targets CUDA {arch}; this host's GPU is {have}"
         return None
     return f"the archive targets {kind!r}, which fastinfer does not run"
+
+
+def runtime_only() -> bool:
+    """Whether TVM runs without its compiler library (``TVM_USE_RUNTIME_LIB=1``, or a runtime-only
+    install): LLVM's CPU queries are then missing."""
+    import tvm
+
+    return bool(getattr(tvm.base, "_RUNTIME_ONLY", False))
+
+
+# The x86-64 level features as /proc/cpuinfo names them, where its name differs from LLVM's.
+_CPUINFO_NAMES = {"bmi": "bmi1", "lzcnt": "abm", "sse4.2": "sse4_2"}
+
+
+def _mismatch_without_llvm(mcpu: str) -> str | None:
+    """:func:`mismatch` for an llvm target without LLVM: x86-64 levels are checked against the
+    kernel's CPU flags; a named CPU cannot be checked, and is trusted."""
+    names = [name for name, _ in X86_64_LEVELS]
+    if mcpu not in names:
+        return None
+    try:
+        with open("/proc/cpuinfo") as file:
+            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+    except OSError:
+        return None
+    needed = {f for _, features in X86_64_LEVELS[names.index(mcpu) :] for f in features}  # this level and below
+    missing = sorted(f for f in needed if _CPUINFO_NAMES.get(f, f) not in flags)
+    if missing:
+        return f"the archive targets CPU {mcpu!r}, whose instructions this host's CPU lacks: " + ", ".join(missing)
+    return None
 
 
 def describe(target: dict) -> str:

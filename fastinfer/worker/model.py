@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastinfer.errors import FastInferError
+from fastinfer.errors import FastInferError, ModelLoadError
 from fastinfer.preprocess import ImagePreprocess, preprocess_into
 from fastinfer.shm import ALIGNMENT
 from fastinfer.signature import BatchLayout, ModelSignature
+from fastinfer.worker.cuda import parse_device
 from fastinfer.worker.runtime import EchoRuntime, Runtime, TvmRuntime
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,13 @@ class LoadedModel:
                 except FastInferError as error:
                     errors[row] = {"code": error.code, "status": error.status, "message": error.message}
                     inputs[0][row] = 0
-        outputs = self.runtime.run(inputs)
-        for index, output in enumerate(outputs):
-            layout.output_array(slot, index, rows)[:] = output[:rows]
+        if getattr(self.runtime, "writes_outputs", False):  # a GPU copies its outputs straight into the slot
+            outputs = [layout.output_array(slot, i, padded) for i in range(len(self.signature.outputs))]
+            self.runtime.run_into(inputs, outputs)  # type: ignore[attr-defined]
+        else:
+            outputs = self.runtime.run(inputs)
+            for index, output in enumerate(outputs):
+                layout.output_array(slot, index, rows)[:] = output[:rows]
         reply: dict = {"errors": errors}
         if self.signature.top_k:
             reply["classes"] = [None if errors[row] else self._top_k(outputs[0][row]) for row in range(rows)]
@@ -75,8 +80,13 @@ class LoadedModel:
         ]
 
 
-def load_model(name: str, path: str, *, cache_dir: str, num_cores: int, max_image_pixels: int) -> LoadedModel:
-    """Build (or find cached) and load the model at ``path``; "" is the default model."""
+def load_model(
+    name: str, path: str, *, cache_dir: str, num_cores: int, max_image_pixels: int, device: str = "cpu"
+) -> LoadedModel:
+    """Build (or find cached) and load the model at ``path`` on ``device``; "" is the default model.
+
+    A GPU worker (``device`` ``cuda:N``) serves model archives with a CUDA library, and echo models.
+    """
     from fastinfer.compiler import compile_onnx
     from fastinfer.models import default
 
@@ -84,10 +94,19 @@ def load_model(name: str, path: str, *, cache_dir: str, num_cores: int, max_imag
     labels = None
     top_k = 0
     runtime: Runtime
+    kind, _ = parse_device(device)
+    if kind == "cuda" and not path.startswith("echo:") and not path.endswith(".fia"):
+        what = "the default model" if path == "" else path
+        raise ModelLoadError(
+            f"model {name!r} ({what}) is not a model archive: a GPU worker serves archives built with "
+            "`fastinfer archive --target cuda` (or cpu,cuda)"
+        )
     if path.startswith("echo:"):
         runtime = EchoRuntime.from_path(path)
     elif path == "" or path.endswith(".fia"):
-        return _load_archive(name, path, cache_dir=cache_dir, num_cores=num_cores, max_image_pixels=max_image_pixels)
+        return _load_archive(
+            name, path, cache_dir=cache_dir, num_cores=num_cores, max_image_pixels=max_image_pixels, device=device
+        )
     else:
         if path == "":
             onnx_path = str(default.onnx_path(cache_dir))
@@ -104,7 +123,9 @@ def load_model(name: str, path: str, *, cache_dir: str, num_cores: int, max_imag
     return LoadedModel(signature, runtime, labels)
 
 
-def _load_archive(name: str, path: str, *, cache_dir: str, num_cores: int, max_image_pixels: int) -> LoadedModel:
+def _load_archive(
+    name: str, path: str, *, cache_dir: str, num_cores: int, max_image_pixels: int, device: str = "cpu"
+) -> LoadedModel:
     """A model archive ("" is the default model's, built into the cache on first start)."""
     from fastinfer.archive.load import load
     from fastinfer.models import default
@@ -112,10 +133,12 @@ def _load_archive(name: str, path: str, *, cache_dir: str, num_cores: int, max_i
 
     if path == "":
         path = str(default.archive_path(cache_dir, num_cores))
-    archive = load(path, cache_dir)
+    kind, index = parse_device(device)
+    target_kind = "cuda" if kind == "cuda" else "llvm"
+    archive = load(path, cache_dir, target_kind)
     manifest = archive.manifest
     runtime = TvmArchiveRuntime(
-        archive.library_paths(), manifest.inputs, manifest.outputs, manifest.batch_sizes, manifest.target["kind"]
+        archive.library_paths(target_kind), manifest.inputs, manifest.outputs, manifest.batch_sizes, target_kind, index
     )
     runtime.load()
     preprocess = manifest.image_preprocess(max_image_pixels)

@@ -39,6 +39,22 @@ def _own_cores(cores: list[int]) -> None:
     os.environ["TVM_NUM_THREADS"] = str(max(1, len(cores)))
 
 
+def _pin_slots(slots: SlotMap, nbytes: int) -> None:
+    """Page-lock the slot segment for the GPU's copies (best effort; see fastinfer.worker.cuda)."""
+    import numpy as np
+
+    from fastinfer.worker.cuda import pin_host_memory
+
+    if os.environ.get("FASTINFER_PIN_SLOTS", "1") == "0":
+        return
+    address = np.frombuffer(slots.view(0), np.uint8).ctypes.data  # the segment starts with slot 0
+    reason = pin_host_memory(address, nbytes)
+    if reason:
+        log.info("slots not pinned, host-device copies are staged by the driver: %s", reason)
+    else:
+        log.info("slots pinned for the GPU's copies (%d MiB)", nbytes >> 20)
+
+
 def _beat(channel: BlockingChannel, interval_s: float, stop: threading.Event) -> None:
     while not stop.wait(interval_s):
         try:
@@ -66,6 +82,7 @@ def serve(channel: BlockingChannel) -> int:
                 cache_dir=init["cache_dir"],
                 num_cores=max(1, len(init["cores"])),
                 max_image_pixels=init["max_image_pixels"],
+                device=init.get("device", "cpu"),
             )
             for name, path in init["models"].items()
         }
@@ -75,6 +92,8 @@ def serve(channel: BlockingChannel) -> int:
         }
         for name, model in models.items():
             model.warm_up(layouts[name].rows)
+        if init.get("device", "cpu") != "cpu":
+            _pin_slots(slots, init["slot_count"] * init["slot_bytes"])
     except (FastInferError, ValueError) as error:
         message = error.message if isinstance(error, FastInferError) else str(error)
         log.error("%s", message)

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from fastinfer.signature import TensorSpec
+from fastinfer.worker.cuda import CudaBatches, TvmCuda
 
 
 class Runtime(Protocol):
@@ -41,9 +42,9 @@ class TvmRuntime:
 
     def load(self) -> None:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # relax.VirtualMachine, without the compiler
 
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.library_path)), tvm.cpu())
+        vm = VirtualMachine(tvm.runtime.load_module(str(self.library_path)), tvm.cpu())
         self._main = vm["main"]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -96,35 +97,55 @@ class TvmArchiveRuntime:
         outputs: tuple[TensorSpec, ...],
         batch_sizes: tuple[int, ...] | None,
         device_kind: str = "llvm",
+        device_index: int = 0,
     ):
         self.libraries = libraries
         self.inputs = inputs
         self.outputs = outputs
         self.batch_sizes = batch_sizes
         self.device_kind = device_kind
+        self.device_index = device_index
         self._mains: dict[int | None, object] = {}
         self._device = None
+        self._gpu: CudaBatches | None = None
 
     def load(self) -> None:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # relax.VirtualMachine, without the compiler
 
-        self._device = tvm.cuda(0) if self.device_kind == "cuda" else tvm.cpu()
+        backend = TvmCuda(self.device_index) if self.device_kind == "cuda" else None
+        self._device = backend.device if backend is not None else tvm.cpu()
         for size, path in self.libraries.items():
-            vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
+            vm = VirtualMachine(tvm.runtime.load_module(str(path)), self._device)
             self._mains[size] = vm["main"]
+        if backend is not None:
+            self._gpu = CudaBatches(self._mains, self.inputs, backend, unpack=_results)  # type: ignore[arg-type]
+
+    def run_into(self, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> None:
+        """GPU only: run a padded batch, copying each output into ``outputs`` (slot views, padded rows)."""
+        assert self._gpu is not None, "run_into is for GPU runtimes; load() first"
+        self._gpu.run_into(inputs, outputs)
+
+    @property
+    def writes_outputs(self) -> bool:
+        """Whether :meth:`run_into` is the way to run (outputs go straight into the slot)."""
+        return self._gpu is not None
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         import tvm
 
+        if self._gpu is not None:
+            return [r.numpy() for r in self._gpu.run_on_device(inputs)]
         rows = inputs[0].shape[0]
         main = self._mains.get(rows) or self._mains.get(None)
         if main is None:
             raise ValueError(f"no library for batch size {rows}; compiled: {sorted(self._mains, key=str)}")
-        if self.device_kind == "cuda":
-            arguments = [tvm.runtime.tensor(x, self._device) for x in inputs]
-        else:
-            arguments = [tvm.runtime.from_dlpack(x) for x in inputs]
-        result = main(*arguments)  # type: ignore[operator]
-        results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        return [r.numpy() for r in results]
+        result = main(*(tvm.runtime.from_dlpack(x) for x in inputs))  # type: ignore[operator]
+        return [r.numpy() for r in _results(result)]
+
+
+def _results(result: object) -> list:
+    """The VM's result as a list of tensors (one output comes alone, several as an array)."""
+    import tvm
+
+    return [result] if isinstance(result, tvm.runtime.Tensor) else list(result)  # type: ignore[call-overload]
