@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,24 @@ def photos() -> Path:
     import skimage
 
     return Path(os.path.dirname(skimage.__file__)) / "data"
+
+
+@contextlib.asynccontextmanager
+async def running_server(tmp_path: Path, **settings) -> AsyncIterator:
+    """A server in this process on free ports, its workers real processes; once stopped, it must
+    have left no shared memory behind."""
+    from fastinfer.config import Config
+    from fastinfer.server.main import Server
+
+    defaults = {"http_port": 0, "management_port": 0, "binary_port": 0, "worker_start_timeout_s": 60}
+    server = Server(Config(**{**defaults, "cache_dir": str(tmp_path), **settings}))
+    await server.start()
+    try:
+        await server.wait_ready(60)
+        yield server
+    finally:
+        await server.stop()
+    assert not fastinfer_segments(), "shared memory left behind"
 
 
 def fastinfer_segments(pid: int | None = None) -> set[str]:

@@ -6,37 +6,23 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import fastinfer_segments
+from conftest import running_server
 
 from fastinfer.client import AsyncClient, Client, InferenceServerError
-from fastinfer.config import Config
 from fastinfer.protocol import HEADER, MAGIC, FrameDecoder, FrameType, encode_frame
-from fastinfer.server.main import Server
 
 
 @pytest.fixture
 async def server(tmp_path):
-    before = fastinfer_segments()
-    config = Config(
+    async with running_server(
+        tmp_path,
         models=("echo=echo:float32:16", "pair=echo:int64:2", "slow=echo:float32:4:0.5"),
-        http_port=0,
-        management_port=0,
-        binary_port=0,
         binary_socket=str(tmp_path / "binary.sock"),
-        cache_dir=str(tmp_path),
         shm_slot_bytes=1 << 20,
         shm_slots_per_worker=16,
         max_body_bytes=1 << 20,
-    )
-    server = Server(config)
-    await server.start()
-    try:
-        await server.wait_ready(60)
+    ) as server:
         yield server
-    finally:
-        await server.stop()
-    assert fastinfer_segments() == before
-    assert server.supervisor.pool._shm is None
 
 
 def address(server):

@@ -5,14 +5,12 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import fastinfer_segments
+from conftest import running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastinfer.client import Client
-from fastinfer.config import Config
 from fastinfer.protocol import FrameType, encode_frame, pack_tensors
-from fastinfer.server.main import Server
 
 
 def valid_frame(request_id: int = 1) -> bytes:
@@ -36,18 +34,9 @@ def mutated_frames(draw) -> bytes:
 
 @pytest.fixture
 async def server(tmp_path):
-    config = Config(
-        models=("echo=echo:float32:16",), http_port=0, management_port=0, binary_port=0, cache_dir=str(tmp_path),
-        shm_slot_bytes=1 << 20, shm_slots_per_worker=8, max_body_bytes=1 << 20,
-    )
-    server = Server(config)
-    await server.start()
-    try:
-        await server.wait_ready(60)
+    settings = {"shm_slot_bytes": 1 << 20, "shm_slots_per_worker": 8, "max_body_bytes": 1 << 20}
+    async with running_server(tmp_path, models=("echo=echo:float32:16",), **settings) as server:
         yield server
-    finally:
-        await server.stop()
-    assert not fastinfer_segments()
 
 
 def throw(port: int, data: bytes) -> None:

@@ -7,10 +7,7 @@ import signal
 import aiohttp
 import numpy as np
 import pytest
-from conftest import fastinfer_segments
-
-from fastinfer.config import Config
-from fastinfer.server.main import Server
+from conftest import running_server
 
 MODELS = ("echo=echo:float32:16", "slow=echo:float32:4:1.0")
 
@@ -22,26 +19,9 @@ def assert_all_slots_free(server):
 
 @pytest.fixture
 async def server(tmp_path):
-    before = fastinfer_segments()
-    config = Config(
-        models=MODELS,
-        http_port=0,
-        binary_port=0,
-        management_port=0,
-        cache_dir=str(tmp_path),
-        shm_slot_bytes=1 << 20,
-        shm_slots_per_worker=4,
-        max_body_bytes=1 << 20,
-        worker_start_timeout_s=60,
-    )
-    server = Server(config)
-    await server.start()
-    try:
-        await server.wait_ready(60)
+    settings = {"shm_slot_bytes": 1 << 20, "shm_slots_per_worker": 4, "max_body_bytes": 1 << 20}
+    async with running_server(tmp_path, models=MODELS, **settings) as server:
         yield server
-    finally:
-        await server.stop()
-    assert fastinfer_segments() == before, "shared memory left behind"
 
 
 @pytest.fixture

@@ -3,44 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 
 import aiohttp
 import numpy as np
 import pytest
-from conftest import fastinfer_segments
+from conftest import running_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastinfer.config import Config
-from fastinfer.server.main import Server
 
-
-@contextlib.asynccontextmanager
-async def serving(tmp_path, **overrides):
-    before = fastinfer_segments()
+def serving(tmp_path, **overrides):
     settings = {
         "models": ("echo=echo:float32:16",),
-        "http_port": 0,
-        "management_port": 0,
-        "binary_port": 0,
-        "cache_dir": str(tmp_path),
         "shm_slot_bytes": 1 << 16,
         "shm_slots_per_worker": 8,
         "max_body_bytes": 1 << 16,
         "batch_max_size": 4,
-        "worker_start_timeout_s": 60,
         **overrides,
     }
-    server = Server(Config(**settings))
-    await server.start()
-    try:
-        await server.wait_ready(60)
-        yield server
-    finally:
-        await server.stop()
-    assert fastinfer_segments() == before, "shared memory left behind"
+    return running_server(tmp_path, **settings)
 
 
 def v2_body(value: float, count: int = 16, datatype: str = "FP32") -> bytes:

@@ -12,38 +12,17 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
-from conftest import fastinfer_segments
+from conftest import running_server
 from tritonclient.utils import InferenceServerException
-
-from fastinfer.config import Config
-from fastinfer.server.main import Server
 
 MODELS = ("echo=echo:float32:16", "ints=echo:int32:4")
 
 
 @pytest.fixture
 async def server(tmp_path):
-    before = fastinfer_segments()
-    config = Config(
-        models=MODELS,
-        http_port=0,
-        management_port=0,
-        binary_port=0,
-        cache_dir=str(tmp_path),
-        shm_slot_bytes=1 << 16,
-        shm_slots_per_worker=8,
-        max_body_bytes=1 << 16,
-        batch_max_size=4,
-        worker_start_timeout_s=60,
-    )
-    server = Server(config)
-    await server.start()
-    try:
-        await server.wait_ready(60)
+    settings = {"shm_slot_bytes": 1 << 16, "shm_slots_per_worker": 8, "max_body_bytes": 1 << 16, "batch_max_size": 4}
+    async with running_server(tmp_path, models=MODELS, **settings) as server:
         yield server
-    finally:
-        await server.stop()
-    assert fastinfer_segments() == before, "shared memory left behind"
 
 
 @pytest.fixture
