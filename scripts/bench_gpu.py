@@ -100,10 +100,15 @@ async def served(models: dict[str, str], concurrency: list[int], seconds: float,
     return rows
 
 
+def row_line(name: str, mode: str, size: int, ms: float, rate: float) -> str:
+    return f"{name:<18} {mode:<7} {size:>13} {ms:>27.2f} {rate:>11.1f}"
+
+
 def served_cli(
-    models: dict[str, str], clients: list[int], seconds: float, cache: str, pipeline: int, device: str
-) -> list[tuple]:
-    """``fastinfer serve`` in a child process, measured by ``fastinfer bench`` (HTTP, then binary)."""
+    models: dict[str, str], clients: list[int], seconds: float, cache: str, pipeline: int, device: str, rows: list
+) -> None:
+    """``fastinfer serve`` in a child process, measured by ``fastinfer bench`` (HTTP, then binary);
+    appends to ``rows`` as it measures."""
     from fastinfer.archive.load import read_manifest
 
     http, binary = 18080, 18090
@@ -127,6 +132,8 @@ def served_cli(
         str(64 << 20),
         "--max-body-bytes",
         str(16 << 20),
+        "--shm-slots-per-worker",
+        "8",
         "--gpu-batch-max-size",
         str(max(clients)),
         "--queue-max-size",
@@ -136,10 +143,12 @@ def served_cli(
         "--log-level",
         "warning",
     ]
-    server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    rows = []
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    log_path = Path(cache) / "serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 240
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as response:
@@ -147,8 +156,10 @@ def served_cli(
                         break
             except OSError:
                 pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fastinfer serve did not become ready (exit code {server.poll()})")
+            failed = "could not load its models" in log_path.read_text(errors="replace")
+            if failed or server.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"fastinfer serve did not become ready (exit code {server.poll()}):\n{tail}")
             time.sleep(0.5)
         for name, path in models.items():
             spec = read_manifest(path).inputs[0]
@@ -168,6 +179,7 @@ def served_cli(
                     result = json.loads(done.stdout.strip().splitlines()[-1])
                     mode = "http" if protocol == "http" else f"bin p{min(depth, count)}"
                     rows.append((name, mode, count, result["p50_ms"], result["throughput_rps"]))
+                    print(row_line(*rows[-1]), flush=True)
                     if result["errors"]:
                         print(f"{name} {mode} c={count}: {result['errors']} errors", flush=True)
     finally:
@@ -176,7 +188,6 @@ def served_cli(
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-    return rows
 
 
 def main() -> int:
@@ -194,23 +205,30 @@ def main() -> int:
     args = parser.parse_args()
     models = dict(item.split("=", 1) for item in args.models)
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
+    rows: list[tuple] = []
     for name, path in models.items():
         try:
             rows += model_only(name, path, batches, args.seconds, args.cache_dir)
         except Exception as error:  # one model failing leaves the others' rows
             print(f"{name}: model-only failed: {type(error).__name__}: {error}", flush=True)
-    if args.served == "cli":
-        clients = [int(c) for c in args.clients.split(",")]
-        rows += served_cli(models, clients, args.seconds, args.cache_dir, args.pipeline, args.device)
-    elif args.served == "inprocess":
-        import uvloop
+        else:
+            print("\n".join(row_line(*row) for row in rows if row[0] == name), flush=True)
+    failed = False
+    try:
+        if args.served == "cli":
+            clients = [int(c) for c in args.clients.split(",")]
+            served_cli(models, clients, args.seconds, args.cache_dir, args.pipeline, args.device, rows)
+        elif args.served == "inprocess":
+            import uvloop
 
-        rows += uvloop.run(served(models, batches, args.seconds, args.cache_dir))
+            rows += uvloop.run(served(models, batches, args.seconds, args.cache_dir))
+    except Exception as error:  # the rows measured so far are still printed
+        print(f"served: failed: {type(error).__name__}: {error}", flush=True)
+        failed = True
     print(f"{'model':<18} {'mode':<7} {'batch/clients':>13} {'ms/batch (model) or p50 ms':>27} {'samples/s':>11}")
-    for name, mode, size, ms, rate in rows:
-        print(f"{name:<18} {mode:<7} {size:>13} {ms:>27.2f} {rate:>11.1f}")
-    return 0
+    for row in rows:
+        print(row_line(*row))
+    return 1 if failed or not rows else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Served throughput and latency against the model's own best, and against Flask + gunicorn.
 
 One run on this machine, the same compiled SqueezeNet 1.0 everywhere:
-1. in-process: the compiled model called directly at batch 1, 2, 4, 8 (the best is the ceiling);
+1. in-process: the compiled model called directly at each compiled batch size (the best is the ceiling);
 2. fastinfer over the binary protocol and over HTTP (raw tensors), closed loop, at several
    concurrencies (``fastinfer bench``);
 3. Flask + gunicorn (2 sync workers, one TVM thread each) over HTTP, the same way.
@@ -24,41 +24,42 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from fastinfer.compiler import compile_onnx
+from fastinfer.worker.model import load_model
 
 HERE = Path(__file__).resolve().parent
 CONCURRENCIES = (1, 4, 16, 32)
 
 
-def squeezenet_with_symbolic_batch(folder: Path) -> Path:
-    """The onnx package's light SqueezeNet 1.0, its batch axis made symbolic so it can batch."""
+def squeezenet_archive(folder: Path, batch_sizes: str) -> Path:
+    """The onnx package's light SqueezeNet 1.0 as a tuned archive, one library per batch size,
+    compiled from the tuning records the package ships (tasks they miss get default schedules)."""
+    from fastinfer.archive.pack import BuildOptions, build_archive
+
     source = Path(onnx.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
-    model = onnx.load(source)
-    for value in (*model.graph.input, *model.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "N"
-    path = folder / "squeezenet.onnx"
-    onnx.save(model, path)
+    path = folder / "squeezenet.fia"
+    sizes = tuple(int(size) for size in batch_sizes.split(","))
+    options = BuildOptions(
+        name="squeezenet", batch_sizes=sizes, cache_dir=str(folder / "cache"), use_stored_records=True
+    )
+    build_archive(source, path, options)
     return path
 
 
-def in_process_best(library: Path, compiled, seconds: float) -> dict[int, float]:
+def in_process_best(model, seconds: float) -> dict[int, float]:
     """Samples per second of the compiled model called directly, by batch size."""
     from fastinfer.worker.model import aligned_zeros
-    from fastinfer.worker.runtime import TvmRuntime
 
-    runtime = TvmRuntime(library, compiled.inputs, compiled.outputs, compiled.batch_sizes)
-    runtime.load()
-    spec = compiled.inputs[0]
+    spec = model.signature.inputs[0]
     rates = {}
-    for batch in (1, 2, 4, 8):
+    for batch in model.signature.batch_sizes or (1, 2, 4, 8):
         array = aligned_zeros((batch, *spec.shape), spec.dtype)
         array[:] = np.random.default_rng(0).random(array.shape)
-        runtime.run([array])
+        model.runtime.run([array])
         times = []
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 3:
             start = time.perf_counter()
-            runtime.run([array])
+            model.runtime.run([array])
             times.append(time.perf_counter() - start)
         rates[batch] = batch / float(np.median(times))
     return rates
@@ -104,18 +105,24 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--out", type=Path, help="write benchmarks.md and serving.png here")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
+    parser.add_argument("--batch-sizes", default="1,8", help="compiled batch sizes of the archive")
+    parser.add_argument("--devices", default=None, help="fastinfer's --devices (default: cpu:N, one worker a core)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        onnx_path = squeezenet_with_symbolic_batch(folder)
+        archive = squeezenet_archive(folder, args.batch_sizes)
         cores = len(os.sched_getaffinity(0))
-        compiled = compile_onnx(onnx_path, folder / "cache", cores)
-        shape = ",".join(str(d) for d in (1, *compiled.inputs[0].shape))
-        print(f"SqueezeNet 1.0, {cores} cores, input {shape}", flush=True)
+        model = load_model(
+            "squeezenet", str(archive), cache_dir=str(folder / "cache"), num_cores=cores, max_image_pixels=0
+        )
+        spec = model.signature.inputs[0]
+        shape = ",".join(str(d) for d in (1, *spec.shape))
+        print(f"SqueezeNet 1.0, {cores} cores, input {spec.name} {shape}", flush=True)
 
-        ceiling = in_process_best(compiled.library_path, compiled, min(args.duration_s, 5.0))
+        ceiling = in_process_best(model, min(args.duration_s, 5.0))
         best = max(ceiling.values())
+        del model
         print("in-process: " + ", ".join(f"batch {b}: {r:.1f}/s" for b, r in ceiling.items()), flush=True)
 
         rows = []
@@ -127,7 +134,7 @@ def main() -> None:
                 "fastinfer",
                 "serve",
                 "--models",
-                f"squeezenet={onnx_path}",
+                f"squeezenet={archive}",
                 "--http-port",
                 "0",
                 "--management-port",
@@ -136,6 +143,8 @@ def main() -> None:
                 "0",
                 "--cache-dir",
                 str(folder / "cache"),
+                "--devices",
+                args.devices or f"cpu:{cores}",
                 "--queue-max-size",
                 "1024",
             ],
@@ -149,19 +158,14 @@ def main() -> None:
                     ("binary", f"tcp://127.0.0.1:{ports[2]}"),
                     ("http", f"http://127.0.0.1:{ports[1]}"),
                 ):
-                    result = bench(url, "squeezenet", concurrency, args.duration_s, shape, compiled.inputs[0].name)
+                    result = bench(url, "squeezenet", concurrency, args.duration_s, shape, spec.name)
                     rows.append({"server": f"fastinfer {protocol}", **result})
                     print(rows[-1], flush=True)
         finally:
             server.terminate()
             server.wait(30)
 
-        environment = {
-            **os.environ,
-            "FASTINFER_BASELINE_LIBRARY": str(compiled.library_path),
-            "FASTINFER_BASELINE_SIGNATURE": str(compiled.library_path.parent / "signature.json"),
-            "TVM_NUM_THREADS": "1",
-        }
+        environment = {**os.environ, "FASTINFER_BASELINE_ARCHIVE": str(archive), "TVM_NUM_THREADS": "1"}
         baseline_log = folder / "baseline.log"
         baseline = subprocess.Popen(
             [
@@ -189,7 +193,7 @@ def main() -> None:
                     concurrency,
                     args.duration_s,
                     shape,
-                    compiled.inputs[0].name,
+                    spec.name,
                 )
                 rows.append({"server": "flask+gunicorn", **result})
                 print(rows[-1], flush=True)
