@@ -153,8 +153,11 @@ class Batch:
     def finish(self, reply: dict | None, error: FastInferError | None) -> None:
         """Hand each live row its result or error; free the slots once all rows are released."""
         self.state = DONE
-        layout = self.queue.layout
         batch_error = error or (FastInferError.from_dict(reply["error"]) if reply and "error" in reply else None)
+        outputs_by_row: list[np.ndarray] = []
+        if batch_error is None and reply is not None:
+            layout, count = self.queue.layout, len(self.rows)
+            outputs_by_row = [layout.output_array(self.view, i, count) for i in range(len(layout.output_offsets))]
         for row in self.rows:
             row._timer.cancel()
             if row.future.done() or row.state == VOID:
@@ -167,10 +170,7 @@ class Batch:
             if row_error:
                 row.future.set_exception(FastInferError.from_dict(row_error))
                 continue
-            outputs = [
-                layout.output_array(self.view, i, len(self.rows))[row.index]
-                for i in range(len(self.queue.signature.outputs))
-            ]
+            outputs = [output[row.index] for output in outputs_by_row]
             classes = reply["classes"][row.index] if reply.get("classes") else None
             row.future.set_result(RowResult(outputs, classes))
         self._free_if_done()
