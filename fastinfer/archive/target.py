@@ -207,5 +207,5 @@ def describe(target: dict) -> str:
             parts.append(str(target[key]))
     text = " ".join(parts)
     if "num-cores" in target:
-        text += f", tuned for {target['num-cores']} cores"
+        text += f", {target['num-cores']} cores"
     return text
