@@ -74,7 +74,30 @@ def tvm_cuda(index: int = 0) -> Any:
             except (OSError, RuntimeError, KeyError) as error:  # no libcudart or libcuda: no GPU
                 _cuda_runtime_loaded = False
                 log.info("TVM's CUDA runtime did not load: %s", error)
+            else:
+                import tvm_ffi
+
+                tvm_ffi.register_global_func("tvm_callback_cuda_compile", _nvrtc_compile(index), override=True)
     return tvm.cuda(index)
+
+
+def _nvrtc_compile(index: int) -> Callable[[str], bytes]:
+    """TVM's ``tvm_callback_cuda_compile`` for TVM without its compiler library.
+
+    A CUDA library holds its kernels as CUDA source, compiled when it is loaded (with NVRTC, from
+    the ``cuda-bindings`` package). TVM's own callback asks the compiler library for the current
+    target, to learn the architecture; this one names it: device ``index``'s, as TVM's would
+    (``sm_90a`` on Hopper)."""
+
+    def compile_cuda(code: str) -> bytes:
+        import tvm
+        from tvm.support import nvcc
+
+        major, minor = tvm.cuda(index).compute_version.split(".")
+        arch = f"sm_{major}{minor}" + ("a" if int(major) >= 9 else "")
+        return bytes(nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc"))
+
+    return compile_cuda
 
 
 def cuda_available(index: int = 0) -> bool:
