@@ -281,6 +281,10 @@ class Batcher:
             batch.state = SEALED
         return row
 
+    def _due_s(self, batch: Batch) -> float:
+        """When a partial batch has waited long enough for an idle worker."""
+        return batch.opened_s + self.batch_max_delay_s
+
     def _arm_timer(self, queue: ModelQueue, at_s: float) -> None:
         if queue.timer is not None:
             queue.timer.cancel()
@@ -292,24 +296,25 @@ class Batcher:
 
     def pump(self) -> None:
         """Give batches to every worker that can take one, by the rules at the top of this module."""
+        # One reading of the clock for the whole decision: a batch not yet due gets a timer, and
+        # one that is due is taken; read twice, the clock could move between and leave neither.
+        now = self.now()
         for queue in self.queues.values():
             self._drop_void(queue)
         for worker in sorted(self.workers, key=lambda w: w.in_flight):
             while worker.state == "ready" and worker.in_flight < self.pipeline_depth:
-                batch = self._take(worker)
+                batch = self._take(worker, now)
                 if batch is None:
                     break
                 self._send(worker, batch)
         if self.batch_max_delay_s > 0:
-            now = self.now()
             for queue in self.queues.values():
                 if queue.batches and queue.timer is None:
-                    due_s = queue.batches[0].opened_s + self.batch_max_delay_s
+                    due_s = self._due_s(queue.batches[0])
                     if due_s > now:
                         self._arm_timer(queue, due_s)
 
-    def _take(self, worker: Worker) -> Batch | None:
-        now = self.now()
+    def _take(self, worker: Worker, now: float) -> Batch | None:
         best: Batch | None = None
         for queue in self.queues.values():
             if not queue.batches:
@@ -317,7 +322,7 @@ class Batcher:
             batch = queue.batches[0]
             if not batch.complete:
                 continue
-            waited = now - batch.opened_s >= self.batch_max_delay_s
+            waited = now >= self._due_s(batch)
             if (batch.full or (worker.in_flight == 0 and waited)) and (best is None or batch.opened_s < best.opened_s):
                 best = batch
         if best is not None:

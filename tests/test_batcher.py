@@ -210,3 +210,35 @@ async def test_least_loaded_worker_gets_the_batch(pool):
     fill(batcher.reserve("echo", 10), 1.0)
     fill(batcher.reserve("echo", 10), 2.0)
     assert len(busy.sent) == 1 and len(idle.sent) == 1
+
+
+class TickingClock(Clock):
+    """A clock that moves on at every reading, as a real one may between two readings."""
+
+    def __init__(self, step_s):
+        super().__init__()
+        self.step_s = step_s
+
+    def __call__(self):
+        self.now += self.step_s
+        return self.now
+
+
+async def test_a_partial_batch_is_never_left_without_a_timer_or_a_worker(pool):
+    # Reading the clock twice in one decision once left a batch neither due nor timed: it waited
+    # until the next request came (found with a 2 ms delay on GPU workers).
+    for step in range(1, 25):
+        worker, clock = FakeWorker(), TickingClock(step * 0.0001)
+        batcher = make(pool, [worker], clock, batch_max_delay_s=0.002)
+        row = batcher.reserve("echo", 10)
+        fill(row, 1.0)
+        queue = batcher.queues["echo"]
+        assert worker.sent or queue.timer is not None
+        if worker.sent:
+            worker.answer()
+            await asyncio.sleep(0)
+        else:
+            queue.timer.cancel()
+        row.release()
+        batcher.fail_all(BadRequest("test over"))
+        assert pool.free_count == pool.slot_count
