@@ -8,8 +8,11 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import uvloop
+from onnx import TensorProto, numpy_helper
 
 
 def pytest_asyncio_loop_factories(config, item):
@@ -56,3 +59,20 @@ def fastinfer_segments(pid: int | None = None) -> set[str]:
     """
     prefix = f"fastinfer-{os.getpid() if pid is None else pid}-"
     return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
+
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+
+
+def light_input(model: onnx.ModelProto) -> np.ndarray:
+    """The input the light models' expected outputs were computed from (onnx's backend test runner)."""
+    initializers = {init.name for init in model.graph.initializer}
+    (value,) = [v for v in model.graph.input if v.name not in initializers]
+    shape = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
+    count = int(np.prod(shape))
+    return (np.arange(count).reshape(shape) / count).astype(np.float32)
+
+
+def expected_output(name: str) -> np.ndarray:
+    """The output shipped beside ``light_{name}.onnx``."""
+    return numpy_helper.to_array(TensorProto.FromString((LIGHT / f"light_{name}_output_0.pb").read_bytes()))

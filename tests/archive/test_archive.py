@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import LIGHT, expected_output, light_input
+from onnx import TensorProto, helper
 
 from fastinfer.archive.commands import describe
 from fastinfer.archive.load import load
@@ -25,21 +26,7 @@ from fastinfer.cli import main as cli
 from fastinfer.worker.model import aligned_zeros, load_model
 from fastinfer.worker.runtime import TvmArchiveRuntime
 
-LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = ["squeezenet", "resnet50", "shufflenet", "bvlc_alexnet"]
-
-
-def light_input(model: onnx.ModelProto) -> np.ndarray:
-    """The input the expected outputs were computed from (onnx's backend test runner)."""
-    initializers = {init.name for init in model.graph.initializer}
-    (value,) = [v for v in model.graph.input if v.name not in initializers]
-    shape = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
-    count = int(np.prod(shape))
-    return (np.arange(count).reshape(shape) / count).astype(np.float32)
-
-
-def expected_output(name: str) -> np.ndarray:
-    return numpy_helper.to_array(TensorProto.FromString((LIGHT / f"light_{name}_output_0.pb").read_bytes()))
 
 
 def leftovers(folder: Path) -> list[str]:

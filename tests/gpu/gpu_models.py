@@ -13,7 +13,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fastinfer.worker.cuda import cuda_available
 
-LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ARCH = "sm_90"  # the H200's; compile-only builds name it, GPU builds detect theirs
 
 needs_gpu = pytest.mark.skipif(not cuda_available(0), reason="no CUDA device: TVM's tvm.cuda(0).exist is False")
@@ -78,16 +77,3 @@ def tiny_reference(x: np.ndarray, path: Path) -> np.ndarray:
     from onnx.reference import ReferenceEvaluator
 
     return ReferenceEvaluator(str(path)).run(None, {"x": x})[0]
-
-
-def light_input(model: onnx.ModelProto) -> np.ndarray:
-    """The input the light models' expected outputs were computed from."""
-    initializers = {init.name for init in model.graph.initializer}
-    (value,) = [v for v in model.graph.input if v.name not in initializers]
-    shape = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
-    count = int(np.prod(shape))
-    return (np.arange(count).reshape(shape) / count).astype(np.float32)
-
-
-def expected_output(name: str) -> np.ndarray:
-    return numpy_helper.to_array(TensorProto.FromString((LIGHT / f"light_{name}_output_0.pb").read_bytes()))

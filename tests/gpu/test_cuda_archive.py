@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 import pytest
-from gpu_models import ARCH, LIGHT, cuda_compiler, needs_cuda_compiler, needs_gpu, prebuilt, tiny_conv, tiny_reference
+from conftest import LIGHT
+from gpu_models import ARCH, cuda_compiler, needs_cuda_compiler, needs_gpu, prebuilt, tiny_conv, tiny_reference
 
 from fastinfer.archive.commands import describe
 from fastinfer.archive.load import load

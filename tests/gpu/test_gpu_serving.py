@@ -12,7 +12,8 @@ import aiohttp
 import numpy as np
 import onnx
 import pytest
-from gpu_models import LIGHT, cuda_compiler, expected_output, light_input, needs_gpu, prebuilt
+from conftest import LIGHT, expected_output, light_input
+from gpu_models import cuda_compiler, needs_gpu, prebuilt
 
 from fastinfer.archive.pack import BuildOptions, build_archive
 from fastinfer.config import Config
