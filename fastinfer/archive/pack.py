@@ -5,7 +5,9 @@ it is complete and its outputs agree with a reference run of the ONNX graph, so 
 failed build leaves neither a partial archive nor a staging folder behind.
 
 Batch sizes: untuned, one library takes any batch (the batch axis stays symbolic). Tuning needs
-static shapes, so a tuned archive holds one library per batch size.
+static shapes, so a tuned archive holds one library per batch size. TVM compiles the graph that
+:func:`fastinfer.archive.graph.for_tvm` makes of the model (input names fit for generated code, a
+batch-1 export opened to any batch); the reference runs the model as exported.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,6 +32,7 @@ import numpy as np
 import fastinfer
 from fastinfer.archive import target as targets
 from fastinfer.archive import tuning
+from fastinfer.archive.graph import BATCH, for_tvm, graph_inputs, with_batch
 from fastinfer.archive.manifest import MANIFEST_NAME, ArchiveError, FileEntry, Manifest, Tuning
 from fastinfer.preprocess import ImagePreprocess
 from fastinfer.signature import TensorSpec
@@ -75,17 +80,18 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
     batch = _batch_axis(model)
     tuned = target["kind"] == "llvm" and (options.tune_trials > 0 or options.use_stored_records)
     sizes, served = _plan_batch_sizes(batch, options.batch_sizes, tuned)
+    graph = for_tvm(model, served)  # what TVM compiles; refused here if it fixes batch 1 for good
     preprocess = _preprocess(options.preprocess, model)  # bad options fail before minutes of compiling
     labels = read_labels(options.labels_path) if options.labels_path else None
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        libraries, tuning_info = _compile(model, target, sizes, tuned, options, staging, stream)
+        libraries, tuning_info = _compile(model, graph, target, sizes, tuned, options, staging, stream)
         verification = _verify(model, staging, libraries, target, stream)
         more = {}
         for extra in more_targets:  # further targets: untuned, one library with a symbolic batch axis
-            extra_libraries = _compile_more(model, extra, options, staging)
+            extra_libraries = _compile_more(model, graph, extra, options, staging, stream)
             more[extra["kind"]] = {
                 "target": extra,
                 "libraries": {("any" if s is None else str(s)): path for s, path in extra_libraries.items()},
@@ -163,13 +169,8 @@ def _check_operators(model: Any) -> None:
         raise ArchiveError(f"TVM's ONNX frontend cannot convert these operators: {listed}")
 
 
-def _graph_inputs(model: Any) -> list:
-    initializers = {init.name for init in model.graph.initializer}
-    return [value for value in model.graph.input if value.name not in initializers]
-
-
 def _apply_input_shapes(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    inputs = {value.name: value for value in _graph_inputs(model)}
+    inputs = {value.name: value for value in graph_inputs(model)}
     for name, dims in shapes.items():
         if name not in inputs:
             raise ArchiveError(f"--input-shape names {name!r}; the model's inputs are {', '.join(inputs)}")
@@ -183,7 +184,7 @@ def _apply_input_shapes(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[
 def _batch_axis(model: Any) -> int | None:
     """The model's fixed batch size, or None if the batch axis is symbolic; other axes must be fixed."""
     sizes = set()
-    for value in _graph_inputs(model):
+    for value in graph_inputs(model):
         dims = list(value.type.tensor_type.shape.dim)
         if not dims:
             raise ArchiveError(f"input {value.name!r} is a scalar; fastinfer batches along a leading axis")
@@ -218,27 +219,9 @@ def _plan_batch_sizes(
     return [None], None
 
 
-def _with_batch(model: Any, batch: int | str) -> Any:
-    """A copy of ``model`` whose inputs' and outputs' leading axis is ``batch`` (a size or a name)."""
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    del copy.graph.value_info[:]  # shapes inferred for the old batch size would contradict the new one
-    initializers = {init.name for init in copy.graph.initializer}
-    for value in [*copy.graph.input, *copy.graph.output]:
-        if value.name in initializers or not value.type.tensor_type.shape.dim:
-            continue
-        dim = value.type.tensor_type.shape.dim[0]
-        if isinstance(batch, int):
-            dim.dim_value = batch
-        else:
-            dim.dim_param = batch
-    return copy
-
-
 def _compile(
     model: Any,
+    graph: Any,
     target: dict,
     sizes: list[int | None],
     tuned: bool,
@@ -246,7 +229,8 @@ def _compile(
     staging: Path,
     stream: TextIO,
 ) -> tuple[dict[int | None, str], Tuning | None]:
-    """Compile one library per entry of ``sizes``; returns archive paths and the tuning summary."""
+    """Compile ``graph`` (``model`` made ready for TVM) once per entry of ``sizes``; returns archive
+    paths and the tuning summary."""
     from tvm.relax.frontend.onnx import from_onnx
 
     libraries: dict[int | None, str] = {}
@@ -257,7 +241,7 @@ def _compile(
     for size in sizes:
         label = f"{options.name} batch {size or 'N'}"
         try:
-            mods[size] = from_onnx(_with_batch(model, "N" if size is None else size), keep_params_in_input=False)
+            mods[size] = from_onnx(with_batch(graph, BATCH if size is None else size), keep_params_in_input=False)
         except Exception as error:
             raise ArchiveError(f"TVM could not convert {label}: {error}{_batch_hint(model, size)}") from error
     tasks_total = tuned_now = 0
@@ -268,12 +252,12 @@ def _compile(
         if tuned:
             _tuned_build(mod, target, records, f"{options.name} batch {size}", staging / path, stream)
         else:
-            _plain_build(mod, target, staging / path, f"{options.name} batch {size or 'N'}")
+            _plain_build(mod, target, staging / path, f"{options.name} batch {size or 'N'}", stream)
         libraries[size] = path
     if not tuned:
         return libraries, None
     (staging / "tuning").mkdir()
-    _export_records(records, staging / "tuning", model, target, [s for s in sizes if s is not None])
+    _export_records(records, staging / "tuning", graph, target, [s for s in sizes if s is not None])
     source = ",".join(filter(None, ["tuned" if tuned_now else "", f"shipped:{seeded}" if seeded else "cache"]))
     return libraries, Tuning(
         trials_per_task=options.tune_trials if tuned_now else 0,
@@ -285,32 +269,35 @@ def _compile(
     )
 
 
-def _compile_more(model: Any, target: dict, options: BuildOptions, staging: Path) -> dict[int | None, str]:
-    """One library with a symbolic batch axis for a further target, under ``lib/<kind>/``."""
+def _compile_more(
+    model: Any, graph: Any, target: dict, options: BuildOptions, staging: Path, stream: TextIO
+) -> dict[int | None, str]:
+    """One library of ``graph`` with a symbolic batch axis for a further target, under ``lib/<kind>/``."""
     from tvm.relax.frontend.onnx import from_onnx
 
     label = f"{options.name} for {target['kind']}"
     try:
-        mod = from_onnx(_with_batch(model, "N"), keep_params_in_input=False)
+        mod = from_onnx(with_batch(graph, BATCH), keep_params_in_input=False)
     except Exception as error:
         raise ArchiveError(f"TVM could not convert {label}: {error}{_batch_hint(model, None)}") from error
     path = f"lib/{target['kind']}/model.so"
     (staging / path).parent.mkdir(parents=True, exist_ok=True)
-    _plain_build(mod, target, staging / path, label)
+    _plain_build(mod, target, staging / path, label, stream)
     return {None: path}
 
 
 def _batch_hint(model: Any, size: int | None) -> str:
     batch = _batch_axis(model)
     if batch is not None and size != batch:
+        where = "beyond the Reshapes that fastinfer opens" if batch == 1 else "e.g. in a Reshape"
         return (
-            f" (the graph was exported for batch {batch} and may hard-code it, e.g. in a Reshape: "
+            f" (the graph was exported for batch {batch} and may hard-code it, {where}: "
             f"build it without --batch-sizes, or re-export it with a dynamic batch axis)"
         )
     return ""
 
 
-def _plain_build(mod: Any, target: dict, path: Path, label: str) -> None:
+def _plain_build(mod: Any, target: dict, path: Path, label: str, stream: TextIO) -> None:
     import tvm
     from tvm import relax
 
@@ -335,6 +322,63 @@ def _plain_build(mod: Any, target: dict, path: Path, label: str) -> None:
         executable.export_library(str(path))
     except Exception as error:
         raise ArchiveError(f"TVM could not compile {label}: {error}") from error
+    if target["kind"] == "cuda" and not targets.can_run_here(target):  # else verification compiles them
+        _check_kernels(executable, target, label, stream)
+
+
+def _check_kernels(executable: Any, target: dict, label: str, stream: TextIO) -> None:
+    """Compile the CUDA kernels of a compile-only build to PTX, with nvcc or NVRTC where installed.
+
+    A CUDA library holds its kernels as CUDA source, compiled (NVRTC) when a GPU worker loads it;
+    source that the compiler refuses would otherwise pass the build and fail on the GPU machine.
+    """
+    import tvm
+    from tvm.support import nvcc
+
+    arch = str(tvm.target.Target(target).attrs["arch"])
+    compiler = _cuda_compiler()
+    if compiler is None:
+        print(f"{label}: no nvcc or NVRTC here; its CUDA kernels are first compiled on the GPU", file=stream)
+        return
+    try:
+        with tvm.target.Target(target):  # nvcc reads the current target
+            for module in _modules(executable.mod):
+                if module.kind == "cuda":
+                    nvcc.compile_cuda(module.inspect_source(), target_format="ptx", arch=arch, compiler=compiler)
+    except Exception as error:
+        raise ArchiveError(
+            f"the CUDA kernels of {label} do not compile ({compiler}, {arch}): {_compiler_errors(str(error))}"
+        ) from error
+    print(f"{label}: CUDA kernels compile ({compiler}, {arch})", file=stream)
+
+
+def _compiler_errors(text: str) -> str:
+    """The first errors of a CUDA compiler's message (nvcc's starts with the whole source), each with
+    the line of source it points at."""
+    lines = text.splitlines()
+    found: list[str] = []
+    for index, line in enumerate(lines):
+        if ": error" in line and len(found) < 3:
+            source = lines[index + 1].strip() if index + 1 < len(lines) else ""
+            found.append(re.sub(r"^.*/", "", line.strip()) + (f" in: {source[:200]}" if source else ""))
+    return " | ".join(found) or text.strip()[-500:]
+
+
+def _cuda_compiler() -> str | None:
+    """nvcc when on the PATH, else NVRTC when ``cuda-bindings`` is installed, else None."""
+    if shutil.which("nvcc"):
+        return "nvcc"
+    try:
+        import cuda.bindings.nvrtc  # noqa: F401
+    except ImportError:
+        return None
+    return "nvrtc"
+
+
+def _modules(module: Any) -> Iterator[Any]:
+    yield module
+    for imported in module.imports:
+        yield from _modules(imported)
 
 
 def _records_key(target: dict) -> str:
@@ -424,12 +468,12 @@ def _tuned_build(mod: Any, target: dict, records: Path, label: str, path: Path, 
         raise ArchiveError(f"TVM could not compile {label}: {error}") from error
 
 
-def _export_records(records: Path, dest: Path, model: Any, target: dict, sizes: list[int]) -> None:
+def _export_records(records: Path, dest: Path, graph: Any, target: dict, sizes: list[int]) -> None:
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
     tvm_target = tvm.target.Target(target)
-    mods = [tuning.pre_tuning(from_onnx(_with_batch(model, s), keep_params_in_input=False), tvm_target) for s in sizes]
+    mods = [tuning.pre_tuning(from_onnx(with_batch(graph, s), keep_params_in_input=False), tvm_target) for s in sizes]
     tuning.export_subset(mods, tvm_target, tuning.load_database(records), dest)
 
 
@@ -437,7 +481,7 @@ def _input_specs(model: Any) -> tuple[TensorSpec, ...]:
     from onnx import helper
 
     specs = []
-    for value in _graph_inputs(model):
+    for value in graph_inputs(model):
         tensor_type = value.type.tensor_type
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
         specs.append(TensorSpec(value.name, dtype, tuple(d.dim_value for d in list(tensor_type.shape.dim)[1:])))
@@ -457,18 +501,34 @@ def _sample(specs: tuple[TensorSpec, ...], batch: int) -> list[np.ndarray]:
 
 
 def _reference(model: Any, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], str]:
-    """Outputs of ONNX Runtime when installed, else of ``onnx.reference``."""
+    """The model's outputs for the batch in ``feeds``, and what computed them.
+
+    A model exported for batch 1 runs as exported, one sample at a time: what it computes for each
+    sample is what the graph TVM compiles, opened to any batch, must compute for the batch.
+    """
+    rows = len(next(iter(feeds.values())))
+    if _batch_axis(model) != 1:
+        run, name = _reference_runner(with_batch(model, rows))
+        return run(feeds), name
+    run, name = _reference_runner(model)
+    samples = [run({key: value[row : row + 1] for key, value in feeds.items()}) for row in range(rows)]
+    return [np.concatenate(outputs) for outputs in zip(*samples, strict=True)], name
+
+
+def _reference_runner(model: Any) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], str]:
+    """A function running ``model`` with ONNX Runtime when installed, else with ``onnx.reference``."""
     try:
         import onnxruntime as ort
     except ImportError:
         from onnx.reference import ReferenceEvaluator
 
-        return list(ReferenceEvaluator(model).run(None, feeds)), "onnx.reference"
+        evaluator = ReferenceEvaluator(model)
+        return (lambda feeds: list(evaluator.run(None, feeds))), "onnx.reference"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # its failures reach us as exceptions; its warnings are noise here
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return list(session.run(None, feeds)), f"onnxruntime {ort.__version__}"
+    return (lambda feeds: list(session.run(None, feeds))), f"onnxruntime {ort.__version__}"
 
 
 def _run_library(path: Path, target: dict, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -494,9 +554,8 @@ def _verify(model: Any, staging: Path, libraries: dict[int | None, str], target:
         batches = [size] if size is not None else [1, 3]
         for batch in batches:
             sample = _sample(inputs, batch)
-            graph = _with_batch(model, batch)
             try:
-                expected, reference = _reference(graph, {s.name: x for s, x in zip(inputs, sample, strict=True)})
+                expected, reference = _reference(model, {s.name: x for s, x in zip(inputs, sample, strict=True)})
             except Exception as error:
                 hint = _batch_hint(model, batch)
                 raise ArchiveError(
@@ -532,8 +591,7 @@ def _output_specs(
 ) -> tuple[TensorSpec, ...]:
     size, path = next(iter(libraries.items()))
     if not targets.can_run_here(target):  # compile-only: the reference gives the outputs' specs
-        graph = _with_batch(model, size or 1)
-        outputs, _ = _reference(graph, {s.name: x for s, x in zip(inputs, _sample(inputs, size or 1), strict=True)})
+        outputs, _ = _reference(model, {s.name: x for s, x in zip(inputs, _sample(inputs, size or 1), strict=True)})
     else:
         outputs = _run_library(staging / path, target, _sample(inputs, size or 1))
     names = [value.name for value in model.graph.output]

@@ -9,7 +9,8 @@ import aiohttp
 import numpy as np
 import onnx
 import pytest
-from conftest import fastinfer_segments
+from conftest import fastinfer_segments, running_server
+from onnx import TensorProto, helper
 from test_archive import LIGHT, expected_output, light_input
 
 from fastinfer.archive.pack import BuildOptions, build_archive
@@ -88,3 +89,38 @@ def test_store_versions_compare_as_numbers(tmp_path):
     models = store_models(tmp_path)
     assert models["m"].endswith("m-10.fia")
     assert set(models) == {"m", "m-2", "m-10", "plain"}
+
+
+def difference(path: Path) -> Path:
+    """``out/d = in/a - in.b`` over 3 floats a sample, batch axis symbolic: names that are no C identifiers."""
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["in/a", "in.b"], ["out/d"])],
+        "difference",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3]) for name in ("in/a", "in.b")],
+        [helper.make_tensor_value_info("out/d", TensorProto.FLOAT, ["N", 3])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_inputs_are_served_under_their_onnx_names(tmp_path):
+    """TVM compiles the inputs under other names; clients send the ONNX ones, in any order."""
+    archive = tmp_path / "difference.fia"
+    build_archive(difference(tmp_path / "d.onnx"), archive, BuildOptions(name="d", cache_dir=str(tmp_path / "c")))
+    a, b = (np.random.default_rng(seed).random((2, 3), dtype=np.float32) for seed in (1, 2))
+    request = {
+        "inputs": [
+            {"name": name, "shape": [2, 3], "datatype": "FP32", "data": x.ravel().tolist()}
+            for name, x in (("in.b", b), ("in/a", a))
+        ]
+    }
+    async with (
+        running_server(tmp_path, models=(f"d={archive}",), shm_slot_bytes=1 << 16) as server,
+        aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http,
+        http.post("/v2/models/d/infer", json=request) as response,
+    ):
+        assert response.status == 200, await response.text()
+        (output,) = (await response.json())["outputs"]
+    assert output["name"] == "out/d" and output["shape"] == [2, 3]
+    np.testing.assert_allclose(np.asarray(output["data"], np.float32).reshape(2, 3), a - b, rtol=1e-6)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
 import numpy as np
+import onnx
 import pytest
 from conftest import LIGHT
 from gpu_models import ARCH, cuda_compiler, needs_cuda_compiler, needs_gpu, prebuilt, tiny_conv, tiny_reference
@@ -98,6 +100,42 @@ def test_squeezenet_compiles_for_cuda(tmp_path):
     )
     assert manifest.outputs[0].shape == (1000, 1, 1)
     assert time.monotonic() - started < 300
+
+
+@needs_cuda_compiler
+def test_resnet50_compiles_for_cuda_at_any_batch(tmp_path):
+    """The light ResNet-50 names its input gpu_0/data_0 (no C identifier: a kernel parameter named so
+    did not compile) and reshapes to a constant [1, 2048]; its archive takes any batch, under that name."""
+    log = io.StringIO()
+    manifest = build_archive(
+        LIGHT / "light_resnet50.onnx",
+        tmp_path / "r50.fia",
+        BuildOptions(name="resnet50", target=f"cuda:{ARCH}", batch_sizes=(1, 8), cache_dir=str(tmp_path), stream=log),
+    )
+    assert [spec.name for spec in manifest.inputs] == ["gpu_0/data_0"]
+    assert manifest.batch_sizes == (1, 8) and manifest.libraries == {"any": "lib/model.so"}
+    assert [(o.name, o.shape) for o in manifest.outputs] == [("gpu_0/softmax_1", (1000,))]
+    if cuda_available(0):
+        assert [c["batch"] for c in manifest.build["verified"]["checks"]] == [1, 3]
+    else:  # compile-only: the kernels were compiled here, as the GPU worker will compile them
+        assert f"CUDA kernels compile ({cuda_compiler()}, {ARCH})" in log.getvalue()
+
+
+@needs_cuda_compiler
+def test_kernels_that_do_not_compile_fail_a_compile_only_build(tmp_path, monkeypatch):
+    if cuda_available(0):
+        pytest.skip("a GPU is here: verification compiles the kernels")
+    from fastinfer.archive import pack
+
+    model = onnx.load(str(tiny_conv(tmp_path / "tiny.onnx")))
+    model.graph.input[0].name = model.graph.node[0].input[0] = "in/x"
+    onnx.save(model, str(tmp_path / "slash.onnx"))
+    monkeypatch.setattr(pack, "for_tvm", lambda model, sizes: model)  # the names as exported, into the kernels
+    out = tmp_path / "out"
+    options = BuildOptions(name="t", target=f"cuda:{ARCH}", cache_dir=str(tmp_path))
+    with pytest.raises(ArchiveError, match=r"CUDA kernels of t batch N do not compile \(.*\): .*\(\d+\): error"):
+        build_archive(tmp_path / "slash.onnx", out / "t.fia", options)
+    assert list(out.iterdir()) == []
 
 
 @needs_gpu
