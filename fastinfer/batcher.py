@@ -9,7 +9,8 @@ Rules (after Triton's dynamic batcher, with one addition for latency):
 - A worker takes a batch whose rows are all READY or VOID when the batch is full, or when the
   worker has nothing in flight and the batch has waited ``max_delay_s`` since its first row
   (0: at once — a worker with nothing to do takes what is waiting; while it is busy, rows pile up
-  into the next batch). A busy worker takes only full batches, up to ``pipeline_depth`` in flight,
+  into the next batch). "At once" is once the loop has handled the reads at hand, so requests
+  that arrive together (pipelined on a connection, or on several) go in one batch. A busy worker takes only full batches, up to ``pipeline_depth`` in flight,
   so it never waits for the front between batches.
 - Past ``queue_max_size`` rows waiting, or with no free slot, a request is refused at once.
 - A batch's slots return to the pool once the worker has answered (or died) and every request of
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,7 +54,8 @@ class RowResult:
 
 
 class Row:
-    """One request's place in a batch."""
+    """One request's place in a batch. Its outcome (a RowResult or an error) is told at once to a
+    listener (``when_done``), or awaited (``result``): no future per row unless someone awaits."""
 
     def __init__(self, batch: Batch, index: int, deadline_s: float, image_slot: int | None):
         self.batch = batch
@@ -62,13 +65,40 @@ class Row:
         self.state = FILLING
         self.nbytes = 0
         self.released = False
-        batcher = batch.queue.batcher
-        self.future: asyncio.Future[RowResult] = batcher.loop.create_future()
-        self._timer = batcher.loop.call_later(max(0.0, deadline_s - batcher.now()), self._expire)
+        self.outcome: RowResult | FastInferError | None = None
+        self._listener: Callable[[Row], None] | None = None
+        self._waiter: asyncio.Future | None = None
 
-    def _expire(self) -> None:
-        if not self.future.done():
-            self.future.set_exception(DeadlineExceeded("the request's deadline passed before its result was ready"))
+    def settle(self, outcome: RowResult | FastInferError) -> None:
+        """Set the outcome (the first one counts) and tell whoever waits for it."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        if self._listener is not None:
+            self._listener(self)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def when_done(self, listener: Callable[[Row], None]) -> None:
+        """Call ``listener(row)`` as soon as the outcome is known (now, if it is)."""
+        if self.outcome is not None:
+            listener(self)
+        else:
+            self._listener = listener
+
+    async def result(self) -> RowResult:
+        """Wait for this request's outputs; DeadlineExceeded once its deadline passes."""
+        if self.outcome is None:
+            self._waiter = self.batch.queue.batcher.loop.create_future()
+            await self._waiter
+        if isinstance(self.outcome, FastInferError):
+            raise self.outcome
+        assert self.outcome is not None
+        return self.outcome
+
+    def expire(self) -> None:
+        if self.outcome is None:
+            self.settle(DeadlineExceeded("the request's deadline passed before its result was ready"))
             self._give_up()
 
     def payload_view(self) -> memoryview:
@@ -84,30 +114,29 @@ class Row:
 
     def filled(self, nbytes: int) -> None:
         """The payload is in; for a tensor model, it must be exactly one sample."""
-        if self.image_slot is None:
-            expected = sum(spec.nbytes for spec in self.batch.queue.signature.inputs)
-            if nbytes != expected:
-                self._give_up()
-                spec = self.batch.queue.signature.inputs[0]
-                raise BadRequest(
-                    f"input {spec.name!r} is {spec.dtype} {list(spec.shape)}, {expected} bytes; the body has {nbytes}"
-                )
+        queue = self.batch.queue
+        if self.image_slot is None and nbytes != queue.sample_bytes:
+            self._give_up()
+            spec = queue.signature.inputs[0]
+            raise BadRequest(
+                f"input {spec.name!r} is {spec.dtype} {list(spec.shape)}, {queue.sample_bytes} bytes; "
+                f"the body has {nbytes}"
+            )
         self.nbytes = nbytes
         if self.state == FILLING:
             self.state = READY
-            self.batch.filling -= 1
-            self.batch.queue.batcher.pump()
-
-    async def result(self) -> RowResult:
-        """Wait for this request's outputs; DeadlineExceeded once its deadline passes."""
-        return await self.future
+            batch = self.batch
+            batch.filling -= 1
+            if batch.full and batch.complete:
+                queue.batcher.pump()  # nothing more can join it: a worker may start now
+            else:
+                queue.batcher.pump_soon()
 
     def release(self) -> None:
         """The request is done with its row (answered, failed or abandoned)."""
         if self.released:
             return
         self.released = True
-        self._timer.cancel()
         self._give_up()
         self.batch.row_released()
 
@@ -116,7 +145,7 @@ class Row:
             if self.state == FILLING:
                 self.batch.filling -= 1
             self.state = VOID
-            self.batch.queue.batcher.pump()
+            self.batch.queue.batcher.pump_soon()
 
 
 OPEN, SEALED, SENT, DONE = "open", "sealed", "sent", "done"
@@ -134,6 +163,34 @@ class Batch:
         self.filling = 0  # rows whose payload is still on its way
         self.state = OPEN
         self._released = 0
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._timer_at_s = math.inf
+
+    def add_row(self, row: Row) -> None:
+        self.rows.append(row)
+        self.filling += 1
+        if row.deadline_s < self._timer_at_s:
+            self._arm_deadline(row.deadline_s)
+
+    def _arm_deadline(self, at_s: float) -> None:
+        """One timer per batch, for its earliest deadline (a timer per row costs more than the row)."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        batcher = self.queue.batcher
+        self._timer_at_s = at_s
+        self._deadline_timer = batcher.loop.call_later(max(0.0, at_s - batcher.now()), self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        passed_s, self._deadline_timer, self._timer_at_s = self._timer_at_s, None, math.inf
+        later = []
+        for row in list(self.rows):
+            if row.outcome is None and not row.released:
+                if row.deadline_s <= passed_s:
+                    row.expire()
+                else:
+                    later.append(row.deadline_s)
+        if later and self.state != DONE:
+            self._arm_deadline(min(later))
 
     @property
     def full(self) -> bool:
@@ -151,28 +208,33 @@ class Batch:
         return {"model": self.queue.signature.name, "slot": self.slot, "rows": len(self.rows), "images": images}
 
     def finish(self, reply: dict | None, error: FastInferError | None) -> None:
-        """Hand each live row its result or error; free the slots once all rows are released."""
+        """Settle each live row with its result or error; free the slots once all rows are released."""
         self.state = DONE
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         batch_error = error or (FastInferError.from_dict(reply["error"]) if reply and "error" in reply else None)
         outputs_by_row: list[np.ndarray] = []
         if batch_error is None and reply is not None:
             layout, count = self.queue.layout, len(self.rows)
             outputs_by_row = [layout.output_array(self.view, i, count) for i in range(len(layout.output_offsets))]
+        outcomes: list[tuple[Row, RowResult | FastInferError]] = []
         for row in self.rows:
-            row._timer.cancel()
-            if row.future.done() or row.state == VOID:
+            if row.outcome is not None or row.state == VOID:
                 continue
             if batch_error is not None:
-                row.future.set_exception(batch_error)
+                outcomes.append((row, batch_error))
                 continue
             assert reply is not None
             row_error = reply["errors"][row.index] if reply.get("errors") else None
             if row_error:
-                row.future.set_exception(FastInferError.from_dict(row_error))
+                outcomes.append((row, FastInferError.from_dict(row_error)))
                 continue
-            outputs = [output[row.index] for output in outputs_by_row]
             classes = reply["classes"][row.index] if reply.get("classes") else None
-            row.future.set_result(RowResult(outputs, classes))
+            outcomes.append((row, RowResult([output[row.index] for output in outputs_by_row], classes)))
+        del outputs_by_row
+        for row, outcome in outcomes:  # listeners may release their rows, and so free the batch
+            row.settle(outcome)
         self._free_if_done()
 
     def row_released(self) -> None:
@@ -200,6 +262,7 @@ class ModelQueue:
         self.signature = signature
         self.layout = layout
         self.max_batch = max_batch
+        self.sample_bytes = sum(spec.nbytes for spec in signature.inputs)
         self.batches: list[Batch] = []  # oldest first; only the last may be open
         self.waiting_rows = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -237,6 +300,7 @@ class Batcher:
         self.queues: dict[str, ModelQueue] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump_scheduled = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -264,18 +328,18 @@ class Batcher:
         if queue.waiting_rows >= self.queue_max_size:
             raise Overloaded(f"{queue.waiting_rows} requests are already waiting for {model}; retry later")
         batch = queue.open_batch
+        now = self.now()
         image_slot = None
         try:
             if batch is None:
-                batch = Batch(queue, next(self._ids), self.pool.acquire(), self.now())
+                batch = Batch(queue, next(self._ids), self.pool.acquire(), now)
                 queue.batches.append(batch)
             if queue.signature.takes_images:
                 image_slot = self.pool.acquire()
         except SlotsExhausted:
             raise Overloaded("every shared-memory slot is in use; retry later") from None
-        row = Row(batch, len(batch.rows), self.now() + timeout_s, image_slot)
-        batch.rows.append(row)
-        batch.filling += 1
+        row = Row(batch, len(batch.rows), now + timeout_s, image_slot)
+        batch.add_row(row)
         queue.waiting_rows += 1
         if batch.full:
             batch.state = SEALED
@@ -292,6 +356,16 @@ class Batcher:
 
     def _timer_fired(self, queue: ModelQueue) -> None:
         queue.timer = None
+        self.pump()
+
+    def pump_soon(self) -> None:
+        """Pump after the callbacks of this loop iteration (the other reads at hand)."""
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
         self.pump()
 
     def pump(self) -> None:

@@ -84,27 +84,29 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        for _ in range(self.depth):
-            self._send()
+        self.transport.writelines([self._next() for _ in range(self.depth)])
 
-    def _send(self) -> None:
+    def _next(self) -> bytes:
         self.next_id += 1
         self.sent_s[self.next_id] = time.perf_counter()
-        assert self.transport is not None
-        self.transport.write(self.numbered(self.next_id))
+        return self.numbered(self.next_id)
 
     def numbered(self, request_id: int) -> bytes:
         return self.request
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        assert self.transport is not None
+        following = []  # one write for the requests that the replies of this read let go
         while (reply := self.take_reply()) is not None:
             ok, request_id = reply
             if not self.recorder.record(self.sent_s.pop(request_id), ok) or not self.keep_alive:
-                assert self.transport is not None
+                self.transport.writelines(following)
                 self.transport.close()  # the client loop reconnects if the window is not over
                 return
-            self._send()
+            following.append(self._next())
+        if following:
+            self.transport.writelines(following)
 
     def take_reply(self) -> tuple[bool, int] | None:
         """Remove one complete reply from the buffer: (succeeded, request id); None if incomplete."""

@@ -46,38 +46,69 @@ def squeezenet_archive(folder: Path, batch_sizes: str) -> Path:
     return path
 
 
-def in_process_best(model, seconds: float) -> dict[int, float]:
-    """Samples per second of the compiled model called directly, by batch size."""
+def in_process_rates(model, seconds: float, start_at: float) -> dict[int, float]:
+    """Samples per second of the compiled model called directly, by batch size: batch size k is
+    measured in window k, ``seconds`` long, counted from ``start_at`` (a time.time()), so that
+    processes started together measure the same batch size at the same time."""
     from fastinfer.worker.model import aligned_zeros
 
     spec = model.signature.inputs[0]
     rates = {}
-    for batch in model.signature.batch_sizes or (1, 2, 4, 8):
+    for window, batch in enumerate(model.signature.batch_sizes or (1, 2, 4, 8)):
         array = aligned_zeros((batch, *spec.shape), spec.dtype)
         array[:] = np.random.default_rng(0).random(array.shape)
         model.runtime.run([array])
-        times = []
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 3:
-            start = time.perf_counter()
+        begin = start_at + window * (seconds + 0.5)
+        while time.time() < begin:
+            time.sleep(0.001)
+        runs, now = 0, begin
+        while (now := time.time()) < begin + seconds:
             model.runtime.run([array])
-            times.append(time.perf_counter() - start)
-        rates[batch] = batch / float(np.median(times))
+            runs += 1
+        rates[batch] = batch * runs / (now - begin)
     return rates
 
 
-def measure_in_child(archive: Path, folder: Path, threads: int, seconds: float) -> dict[int, float]:
-    """in_process_best() in a fresh process with ``threads`` TVM threads on as many cores."""
+def measure_in_children(archive: Path, folder: Path, core_sets: list[list[int]], seconds: float) -> dict[int, float]:
+    """in_process_rates() in one fresh process per core set (pinned, one TVM thread a core), all
+    measuring at once; the samples per second of all of them together, by batch size."""
     code = (
-        "import json, os, sys; sys.path.insert(0, sys.argv[1]); import bench_serving as b;"
-        "os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: int(sys.argv[4])]);"
-        "m = b.load_model('m', sys.argv[2], cache_dir=sys.argv[3], num_cores=int(sys.argv[4]), max_image_pixels=0);"
-        "print(json.dumps(b.in_process_best(m, float(sys.argv[5]))))"
+        "import json, os, sys, time; sys.path.insert(0, sys.argv[1]); import bench_serving as b;"
+        "cores = [int(c) for c in sys.argv[4].split(',')]; os.sched_setaffinity(0, cores);"
+        "m = b.load_model('m', sys.argv[2], cache_dir=sys.argv[3], num_cores=len(cores), max_image_pixels=0);"
+        "print('ready', flush=True); start_at = float(sys.stdin.readline());"
+        "print(json.dumps(b.in_process_rates(m, float(sys.argv[5]), start_at)))"
     )
-    environment = {**os.environ, "TVM_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-c", code, str(HERE), str(archive), str(folder / "cache"), str(threads), str(seconds)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
-    return {int(batch): rate for batch, rate in json.loads(output.splitlines()[-1]).items()}
+    children = []
+    for cores in core_sets:
+        environment = {**os.environ, "TVM_NUM_THREADS": str(len(cores))}
+        arguments = [str(HERE), str(archive), str(folder / "cache"), ",".join(map(str, cores)), str(seconds)]
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *arguments],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=environment,
+            )
+        )
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    start_at = f"{time.time() + 0.5}\n"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write(start_at)
+        child.stdin.close()
+    outputs = [child.stdout.read() for child in children]  # type: ignore[union-attr]
+    for child in children:
+        child.wait()
+    if any(child.returncode for child in children):
+        raise RuntimeError("an in-process measurement failed")
+    total: dict[int, float] = {}
+    for output in outputs:
+        for batch, rate in json.loads(output.splitlines()[-1]).items():
+            total[int(batch)] = total.get(int(batch), 0.0) + rate
+    return total
 
 
 def wait_for_line(log: Path, pattern: str, timeout_s: float) -> re.Match:
@@ -137,12 +168,13 @@ def main() -> None:
         print(f"SqueezeNet 1.0, {cores} cores, input {spec.name} {shape}", flush=True)
 
         # The ceiling: the model called directly, all cores on one process's batches, or one
-        # single-threaded process per core (measured on one core, times the cores).
+        # single-threaded process per core, all of them running at once (as a server's workers do).
         seconds = min(args.duration_s, 5.0)
-        shared = measure_in_child(archive, folder, threads=cores, seconds=seconds)
-        one_core = measure_in_child(archive, folder, threads=1, seconds=seconds)
+        all_cores = sorted(os.sched_getaffinity(0))
+        shared = measure_in_children(archive, folder, [all_cores], seconds)
+        one_each = measure_in_children(archive, folder, [[core] for core in all_cores], seconds)
         ceiling = {f"{cores} threads, batch {b}": rate for b, rate in shared.items()}
-        ceiling |= {f"{cores} x 1 thread, batch {b}": rate * cores for b, rate in one_core.items()}
+        ceiling |= {f"{cores} x 1 thread, batch {b}": rate for b, rate in one_each.items()}
         best = max(ceiling.values())
         print("in-process: " + ", ".join(f"{k}: {r:.1f}/s" for k, r in ceiling.items()), flush=True)
 

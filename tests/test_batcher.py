@@ -56,11 +56,17 @@ def make(pool, workers, clock, **options):
     return batcher
 
 
-def fill(row, value):
+def put(row, value):
     view = row.payload_view()
     np.frombuffer(view, np.float32)[:] = value
     view.release()
     row.filled(16)
+
+
+async def fill(row, value):
+    """Fill a row as a request's read does, and let the loop turn (the batcher pumps then)."""
+    put(row, value)
+    await asyncio.sleep(0)
 
 
 async def test_an_idle_worker_takes_a_partial_batch_at_once(pool):
@@ -68,16 +74,26 @@ async def test_an_idle_worker_takes_a_partial_batch_at_once(pool):
     batcher = make(pool, [worker], clock)
     row = batcher.reserve("echo", 10)
     assert worker.sent == [], "a row still filling holds its batch"
-    fill(row, 1.0)
+    await fill(row, 1.0)
     assert [m["rows"] for m, _ in worker.sent] == [1]
+
+
+async def test_rows_filled_in_one_loop_iteration_go_in_one_batch(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock)
+    for value in (1.0, 2.0, 3.0):  # three pipelined requests, decoded from one read
+        put(batcher.reserve("echo", 10), value)
+    assert worker.sent == []
+    await asyncio.sleep(0)
+    assert [m["rows"] for m, _ in worker.sent] == [3]
 
 
 async def test_a_busy_worker_lets_rows_pile_up_into_the_next_batch(pool):
     worker, clock = FakeWorker(), Clock()
     batcher = make(pool, [worker], clock)
-    fill(batcher.reserve("echo", 10), 1.0)
+    await fill(batcher.reserve("echo", 10), 1.0)
     for value in (2.0, 3.0, 4.0):
-        fill(batcher.reserve("echo", 10), value)
+        await fill(batcher.reserve("echo", 10), value)
     assert [m["rows"] for m, _ in worker.sent] == [1], "partial batches wait while the worker is busy"
     worker.answer(0)
     await asyncio.sleep(0)
@@ -89,7 +105,7 @@ async def test_full_batches_go_to_a_busy_worker_up_to_the_pipeline_depth(pool):
     batcher = make(pool, [worker], clock, pipeline_depth=2)
     rows = [batcher.reserve("echo", 10) for _ in range(12)]
     for row in rows:
-        fill(row, 0.0)
+        await fill(row, 0.0)
     assert [m["rows"] for m, _ in worker.sent] == [4, 4], "the third full batch waits for a free place"
     assert batcher.queue_depth("echo") == 4
 
@@ -97,7 +113,7 @@ async def test_full_batches_go_to_a_busy_worker_up_to_the_pipeline_depth(pool):
 async def test_the_delay_holds_a_partial_batch_for_an_idle_worker(pool):
     worker, clock = FakeWorker(), Clock()
     batcher = make(pool, [worker], clock, batch_max_delay_s=0.010)
-    fill(batcher.reserve("echo", 10), 1.0)
+    await fill(batcher.reserve("echo", 10), 1.0)
     assert worker.sent == []
     clock.now += 0.009
     batcher.pump()
@@ -111,17 +127,17 @@ async def test_a_full_batch_does_not_wait_for_the_delay(pool):
     worker, clock = FakeWorker(), Clock()
     batcher = make(pool, [worker], clock, batch_max_delay_s=1.0)
     for _ in range(4):
-        fill(batcher.reserve("echo", 10), 0.0)
+        await fill(batcher.reserve("echo", 10), 0.0)
     assert [m["rows"] for m, _ in worker.sent] == [4]
 
 
 async def test_results_reach_each_row_and_slots_come_back(pool):
     worker, clock = FakeWorker(), Clock()
     batcher = make(pool, [worker], clock)
-    fill(batcher.reserve("echo", 10), 0.0)  # occupies the worker
+    await fill(batcher.reserve("echo", 10), 0.0)  # occupies the worker
     rows = [batcher.reserve("echo", 10) for _ in range(3)]
     for value, row in enumerate(rows):
-        fill(row, float(value))
+        await fill(row, float(value))
     worker.answer(0)
     await asyncio.sleep(0)
     message, _ = worker.sent[1]
@@ -147,7 +163,7 @@ async def test_a_wrong_size_voids_the_row_and_the_batch_goes_on(pool):
     with pytest.raises(BadRequest, match="16 bytes; the body has 12"):
         bad.filled(12)
     bad.release()
-    fill(good, 1.0)
+    await fill(good, 1.0)
     assert [m["rows"] for m, _ in worker.sent] == [2]
 
 
@@ -157,6 +173,7 @@ async def test_a_batch_of_abandoned_rows_is_dropped_and_frees_its_slot(pool):
     rows = [batcher.reserve("echo", 10) for _ in range(2)]
     for row in rows:
         row.release()
+    await asyncio.sleep(0)
     assert worker.sent == []
     assert pool.free_count == pool.slot_count
     assert batcher.queue_depth("echo") == 0
@@ -184,7 +201,7 @@ async def test_a_dead_worker_fails_its_batch(pool):
     worker, clock = FakeWorker(), Clock()
     batcher = make(pool, [worker], clock)
     row = batcher.reserve("echo", 10)
-    fill(row, 1.0)
+    await fill(row, 1.0)
     worker.sent[0][1].set_exception(WorkerDied("gone"))
     with pytest.raises(WorkerDied):
         await row.result()
@@ -197,18 +214,19 @@ async def test_the_deadline_ends_the_wait(pool):
     worker.state = "starting"  # no worker takes anything
     batcher = make(pool, [worker], clock)
     row = batcher.reserve("echo", 0.01)
-    fill(row, 1.0)
+    await fill(row, 1.0)
     with pytest.raises(DeadlineExceeded):
         await row.result()
     row.release()
+    await asyncio.sleep(0)
     assert pool.free_count == pool.slot_count, "the expired row's batch is dropped"
 
 
 async def test_least_loaded_worker_gets_the_batch(pool):
     busy, idle, clock = FakeWorker(), FakeWorker(), Clock()
     batcher = make(pool, [busy, idle], clock)
-    fill(batcher.reserve("echo", 10), 1.0)
-    fill(batcher.reserve("echo", 10), 2.0)
+    await fill(batcher.reserve("echo", 10), 1.0)
+    await fill(batcher.reserve("echo", 10), 2.0)
     assert len(busy.sent) == 1 and len(idle.sent) == 1
 
 
@@ -231,7 +249,7 @@ async def test_a_partial_batch_is_never_left_without_a_timer_or_a_worker(pool):
         worker, clock = FakeWorker(), TickingClock(step * 0.0001)
         batcher = make(pool, [worker], clock, batch_max_delay_s=0.002)
         row = batcher.reserve("echo", 10)
-        fill(row, 1.0)
+        await fill(row, 1.0)
         queue = batcher.queues["echo"]
         assert worker.sent or queue.timer is not None
         if worker.sent:

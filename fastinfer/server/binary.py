@@ -228,12 +228,12 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         answering = Answering(head.request_id, rows, request, started, waiting=len(rows))
         self.answering.add(head.request_id)
         for row in rows:
-            row.future.add_done_callback(functools.partial(self._row_done, answering))
+            row.when_done(functools.partial(self._row_done, answering))
         if len(self.answering) >= PAUSE_AFTER_REQUESTS and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
 
-    def _row_done(self, answering: Answering, _: asyncio.Future) -> None:
+    def _row_done(self, answering: Answering, _: Row) -> None:
         answering.waiting -= 1
         if answering.waiting == 0:
             self._answer(answering)
@@ -244,10 +244,12 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         code = "ok"
         held = False
         try:
+            results = []
             for row in rows:
-                if row.future.exception() is not None:
-                    raise row.future.exception()  # type: ignore[misc]
-            results = [row.future.result() for row in rows]
+                if isinstance(row.outcome, FastInferError):
+                    raise row.outcome
+                assert row.outcome is not None
+                results.append(row.outcome)
             signature = rows[0].batch.queue.signature
             envelope: dict[str, Any] = {"model": request.model}
             if results[0].classes is not None:

@@ -17,6 +17,7 @@ from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, ModelNotFound, PayloadTooLarge, RequestTimeout
 from fastinfer.server import kserve
 from fastinfer.server.access import AccessLog, bearer_auth, limit_connections
+from fastinfer.server.jsonbody import json_response
 from fastinfer.supervisor import Supervisor
 
 IMAGE_FIELDS = ("data", "input0")
@@ -181,12 +182,12 @@ class InferenceRoutes:
             row.filled(nbytes)
             result = await row.result()
             if signature.top_k and result.classes is not None:
-                return web.json_response(result.classes)
+                return json_response(result.classes)
             outputs = [
-                {"name": spec.name, "dtype": spec.dtype, "shape": [1, *spec.shape], "data": array.reshape(-1).tolist()}
+                {"name": spec.name, "dtype": spec.dtype, "shape": [1, *spec.shape], "data": array.reshape(-1)}
                 for spec, array in zip(signature.outputs, result.outputs, strict=True)
             ]
-            return web.json_response({"model_name": model, "outputs": outputs})
+            return json_response({"model_name": model, "outputs": outputs})  # before the row's views go
         finally:
             row.release()
 

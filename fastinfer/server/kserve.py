@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fastinfer.errors import BadRequest, FastInferError
+from fastinfer.server.jsonbody import dumps as json_dumps
 from fastinfer.signature import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -426,7 +427,7 @@ def build_infer_response(
                 entry["parameters"] = {"binary_data_size": len(raw_view)}
                 binary_parts.append(raw_view)
             else:
-                entry["data"] = array.reshape(-1).tolist()
+                entry["data"] = array.reshape(-1)
         header_outputs.append(entry)
 
     document: dict[str, Any] = {"model_name": model_name}
@@ -435,7 +436,7 @@ def build_infer_response(
     if request_id is not None:
         document["id"] = request_id
     document["outputs"] = header_outputs
-    header = json.dumps(document, separators=(",", ":")).encode()
+    header = json_dumps(document)
     if not binary_parts:
         return {"Content-Type": "application/json"}, [header]
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
