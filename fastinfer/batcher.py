@@ -10,8 +10,9 @@ Rules (after Triton's dynamic batcher, with one addition for latency):
   worker has nothing in flight and the batch has waited ``max_delay_s`` since its first row
   (0: at once — a worker with nothing to do takes what is waiting; while it is busy, rows pile up
   into the next batch). "At once" is once the loop has handled the reads at hand, so requests
-  that arrive together (pipelined on a connection, or on several) go in one batch. A busy worker takes only full batches, up to ``pipeline_depth`` in flight,
-  so it never waits for the front between batches.
+  that arrive together (pipelined on a connection, or on several) go in one batch. A busy
+  worker takes only full batches, up to ``pipeline_depth`` in flight, so it never waits for the
+  front between batches.
 - Past ``queue_max_size`` rows waiting, or with no free slot, a request is refused at once.
 - A batch's slots return to the pool once the worker has answered (or died) and every request of
   the batch has released its row: replies are written from views of the slot.

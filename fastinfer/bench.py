@@ -84,27 +84,28 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.writelines([self._next() for _ in range(self.depth)])
+        transport.writelines([part for _ in range(self.depth) for part in self._next()])  # type: ignore[attr-defined]
 
-    def _next(self) -> bytes:
+    def _next(self) -> list[bytes | memoryview]:
         self.next_id += 1
         self.sent_s[self.next_id] = time.perf_counter()
         return self.numbered(self.next_id)
 
-    def numbered(self, request_id: int) -> bytes:
-        return self.request
+    def numbered(self, request_id: int) -> list[bytes | memoryview]:
+        """The request's bytes, as parts written without copying the payload."""
+        return [self.request]
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         assert self.transport is not None
-        following = []  # one write for the requests that the replies of this read let go
+        following: list[bytes | memoryview] = []  # one write for the requests these replies let go
         while (reply := self.take_reply()) is not None:
             ok, request_id = reply
             if not self.recorder.record(self.sent_s.pop(request_id), ok) or not self.keep_alive:
                 self.transport.writelines(following)
                 self.transport.close()  # the client loop reconnects if the window is not over
                 return
-            following.append(self._next())
+            following += self._next()
         if following:
             self.transport.writelines(following)
 
@@ -118,10 +119,14 @@ class _Connection(asyncio.Protocol):
 
 
 class _BinaryConnection(_Connection):
-    def numbered(self, request_id: int) -> bytes:
-        frame = bytearray(self.request)
-        struct.pack_into("<I", frame, REQUEST_ID_OFFSET, request_id)
-        return bytes(frame)
+    def __init__(self, request: bytes, recorder: _Recorder, done: asyncio.Future, depth: int = 1):
+        super().__init__(request, recorder, done, depth)
+        self.header = bytearray(request[: HEADER.size])
+        self.rest = memoryview(request)[HEADER.size :]
+
+    def numbered(self, request_id: int) -> list[bytes | memoryview]:
+        struct.pack_into("<I", self.header, REQUEST_ID_OFFSET, request_id)
+        return [bytes(self.header), self.rest]
 
     def take_reply(self) -> tuple[bool, int] | None:
         if len(self.buffer) < HEADER.size:

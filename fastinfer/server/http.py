@@ -105,7 +105,15 @@ async def _read_body_into(request: web.Request, view: memoryview, too_long: Call
         raise BadRequest(f"the form has no field named {' or '.join(IMAGE_FIELDS)}")
     if request.content_length is not None and request.content_length > len(view):
         raise too_long()
-    return await _copy_stream(request.content.readany, view, too_long)
+
+    async def read_chunk() -> bytes:
+        # Each chunk as it came; readany() would join those buffered, a copy of the body.
+        while True:
+            chunk, end_of_http_chunk = await request.content.readchunk()
+            if chunk or not end_of_http_chunk:
+                return chunk
+
+    return await _copy_stream(read_chunk, view, too_long)
 
 
 def timeout_from(request: web.Request, default_s: float) -> float:

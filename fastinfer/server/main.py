@@ -20,6 +20,7 @@ from aiohttp import web
 
 from fastinfer.config import Config
 from fastinfer.logs import configure_logging
+from fastinfer.malloc import keep_freed_blocks
 from fastinfer.server import systemd
 from fastinfer.server.access import AccessLog, limit_connections
 from fastinfer.server.binary import BinaryServer
@@ -140,4 +141,5 @@ def run(config: Config, load: Callable[[], Config] | None = None) -> None:
     import uvloop
 
     configure_logging(config.log_level)
+    keep_freed_blocks()
     uvloop.run(serve(config, load))

@@ -19,6 +19,7 @@ import threading
 
 from fastinfer.errors import FastInferError
 from fastinfer.logs import configure_logging
+from fastinfer.malloc import keep_freed_blocks
 from fastinfer.shm import SlotMap
 from fastinfer.signature import BatchLayout
 from fastinfer.worker.channel import BlockingChannel
@@ -126,5 +127,6 @@ def _run(message: dict, models: dict, layouts: dict, slots: SlotMap) -> dict:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when workers stop
     _die_with_parent()
+    keep_freed_blocks()  # decoded images are large blocks too
     sock = socket.socket(fileno=int(sys.argv[1]))
     sys.exit(serve(BlockingChannel(sock)))
