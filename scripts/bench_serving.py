@@ -1,13 +1,15 @@
 """Served throughput and latency against the model's own best, and against Flask + gunicorn.
 
-One run on this machine, the same compiled SqueezeNet 1.0 everywhere:
-1. in-process: the compiled model called directly at each compiled batch size (the best is the ceiling);
+One run on this machine, the same compiled SqueezeNet 1.0 everywhere, in rounds; each round measures
+1. in-process: the compiled model called directly at each compiled batch size, all cores busy at
+   once (the best is the round's ceiling);
 2. fastinfer over the binary protocol and over HTTP (raw tensors), closed loop, at several
    concurrencies (``fastinfer bench``);
 3. Flask + gunicorn (2 sync workers, one TVM thread each) over HTTP, the same way.
-It prints a table, and with ``--out DIR`` writes benchmarks.md and a plot there.
+It prints the medians over the rounds, each served rate taken against its own round's ceiling
+(the machine is shared), and with ``--out DIR`` writes serving.md and a plot there.
 
-    python scripts/bench_serving.py --duration-s 10 --out docs
+    python scripts/bench_serving.py --duration-s 6 --rounds 3 --batch-sizes 1 --out docs
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from fastinfer.worker.model import load_model
 
 HERE = Path(__file__).resolve().parent
 CONCURRENCIES = (1, 4, 16, 32)
+MEDIANS = ("throughput_rps", "of_best", "p50_ms", "p99_ms")
 
 
 def squeezenet_archive(folder: Path, batch_sizes: str) -> Path:
@@ -146,9 +150,33 @@ def bench(url: str, model: str, concurrency: int, seconds: float, shape: str, in
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
+def start_fastinfer(archive: Path, folder: Path, devices: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    log = folder / "server.log"
+    command = [
+        sys.executable, "-m", "fastinfer", "serve", "--models", f"squeezenet={archive}",
+        "--http-port", "0", "--management-port", "0", "--binary-port", "0", "--cache-dir", str(folder / "cache"),
+        "--devices", devices, "--queue-max-size", "1024",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stderr=log.open("w"))
+    ports = wait_for_line(log, r"http://127\.0\.0\.1:(\d+),.*binary tcp://127\.0\.0\.1:(\d+)", 120)
+    wait_for_line(log, "ready: all workers are warm", 600)
+    return server, {"fastinfer binary": f"tcp://127.0.0.1:{ports[2]}", "fastinfer http": f"http://127.0.0.1:{ports[1]}"}
+
+
+def start_gunicorn(archive: Path, folder: Path, cores: int) -> tuple[subprocess.Popen, dict[str, str]]:
+    environment = {**os.environ, "FASTINFER_BASELINE_ARCHIVE": str(archive), "TVM_NUM_THREADS": "1"}
+    log = folder / "baseline.log"
+    command = [sys.executable, "-m", "gunicorn", "-w", str(cores), "-b", "127.0.0.1:0", "--chdir", str(HERE)]
+    server = subprocess.Popen([*command, "flask_baseline:app"], stderr=log.open("w"), env=environment)
+    port = wait_for_line(log, r"Listening at: http://127\.0\.0\.1:(\d+)", 60)[1]
+    time.sleep(3)  # workers import TVM
+    return server, {"flask+gunicorn": f"http://127.0.0.1:{port}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="measure everything this many times; report medians")
     parser.add_argument("--out", type=Path, help="write benchmarks.md and serving.png here")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
     parser.add_argument("--batch-sizes", default="1,8", help="compiled batch sizes of the archive")
@@ -167,109 +195,80 @@ def main() -> None:
         del model
         print(f"SqueezeNet 1.0, {cores} cores, input {spec.name} {shape}", flush=True)
 
-        # The ceiling: the model called directly, all cores on one process's batches, or one
-        # single-threaded process per core, all of them running at once (as a server's workers do).
-        seconds = min(args.duration_s, 5.0)
-        all_cores = sorted(os.sched_getaffinity(0))
-        shared = measure_in_children(archive, folder, [all_cores], seconds)
-        one_each = measure_in_children(archive, folder, [[core] for core in all_cores], seconds)
-        ceiling = {f"{cores} threads, batch {b}": rate for b, rate in shared.items()}
-        ceiling |= {f"{cores} x 1 thread, batch {b}": rate for b, rate in one_each.items()}
-        best = max(ceiling.values())
-        print("in-process: " + ", ".join(f"{k}: {r:.1f}/s" for k, r in ceiling.items()), flush=True)
-
-        rows = []
-        server_log = folder / "server.log"
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fastinfer",
-                "serve",
-                "--models",
-                f"squeezenet={archive}",
-                "--http-port",
-                "0",
-                "--management-port",
-                "0",
-                "--binary-port",
-                "0",
-                "--cache-dir",
-                str(folder / "cache"),
-                "--devices",
-                args.devices or f"cpu:{cores}",
-                "--queue-max-size",
-                "1024",
-            ],
-            stderr=server_log.open("w"),
-        )
+        servers: list[subprocess.Popen] = []
         try:
-            ports = wait_for_line(server_log, r"http://127\.0\.0\.1:(\d+),.*binary tcp://127\.0\.0\.1:(\d+)", 120)
-            wait_for_line(server_log, "ready: all workers are warm", 600)
-            for concurrency in args.concurrency:
-                for protocol, url in (
-                    ("binary", f"tcp://127.0.0.1:{ports[2]}"),
-                    ("http", f"http://127.0.0.1:{ports[1]}"),
-                ):
-                    result = bench(url, "squeezenet", concurrency, args.duration_s, shape, spec.name)
-                    rows.append({"server": f"fastinfer {protocol}", **result})
-                    print(rows[-1], flush=True)
+            server, urls = start_fastinfer(archive, folder, args.devices or f"cpu:{cores}")
+            servers.append(server)
+            server, baseline_urls = start_gunicorn(archive, folder, cores)
+            servers.append(server)
+            urls |= baseline_urls
+            # Each round measures the ceiling, then every server at every concurrency, so that a
+            # served rate is compared with the ceiling of its own round (the machine is shared).
+            rows, ceilings = [], []
+            for number in range(1, args.rounds + 1):
+                ceiling = measure_ceiling(archive, folder, args.duration_s)
+                best = max(ceiling.values())
+                ceilings.append(ceiling)
+                print(f"round {number}, in-process: " + ", ".join(f"{k}: {r:.1f}/s" for k, r in ceiling.items()))
+                for concurrency in args.concurrency:
+                    for name, url in urls.items():
+                        result = bench(url, "squeezenet", concurrency, args.duration_s, shape, spec.name)
+                        rows.append(
+                            {"server": name, "round": number, "of_best": result["throughput_rps"] / best, **result}
+                        )
+                        print(rows[-1], flush=True)
         finally:
-            server.terminate()
-            server.wait(30)
+            for server in servers:
+                server.terminate()
+                server.wait(30)
 
-        environment = {**os.environ, "FASTINFER_BASELINE_ARCHIVE": str(archive), "TVM_NUM_THREADS": "1"}
-        baseline_log = folder / "baseline.log"
-        baseline = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-w",
-                str(cores),
-                "-b",
-                "127.0.0.1:0",
-                "--chdir",
-                str(HERE),
-                "flask_baseline:app",
-            ],
-            stderr=baseline_log.open("w"),
-            env=environment,
-        )
-        try:
-            port = wait_for_line(baseline_log, r"Listening at: http://127\.0\.0\.1:(\d+)", 60)[1]
-            time.sleep(3)  # workers import TVM
-            for concurrency in args.concurrency:
-                result = bench(
-                    f"http://127.0.0.1:{port}",
-                    "squeezenet",
-                    concurrency,
-                    args.duration_s,
-                    shape,
-                    spec.name,
-                )
-                rows.append({"server": "flask+gunicorn", **result})
-                print(rows[-1], flush=True)
-        finally:
-            baseline.terminate()
-            baseline.wait(30)
-
-    report(rows, ceiling, best, args)
+    report(rows, ceilings, args)
 
 
-def report(rows: list[dict], ceiling: dict[str, float], best: float, args) -> None:
+def measure_ceiling(archive: Path, folder: Path, seconds: float) -> dict[str, float]:
+    """The model called directly: all cores on one process's batches, or one single-threaded
+    process per core, all of them running at once (as a server's workers do); samples/s by setup."""
+    all_cores = sorted(os.sched_getaffinity(0))
+    shared = measure_in_children(archive, folder, [all_cores], seconds)
+    one_each = measure_in_children(archive, folder, [[core] for core in all_cores], seconds)
+    ceiling = {f"{len(all_cores)} threads, batch {b}": rate for b, rate in shared.items()}
+    return ceiling | {f"{len(all_cores)} x 1 thread, batch {b}": rate for b, rate in one_each.items()}
+
+
+def report(rows: list[dict], ceilings: list[dict[str, float]], args) -> None:
+    """Medians over the rounds: throughput, its share of the round's ceiling, latencies."""
+    median = statistics.median
+    merged = []
+    for server in dict.fromkeys(row["server"] for row in rows):
+        for concurrency in args.concurrency:
+            mine = [row for row in rows if row["server"] == server and row["concurrency"] == concurrency]
+            merged.append(
+                {
+                    "server": server,
+                    "concurrency": concurrency,
+                    **{
+                        key: median(row[key] for row in mine)
+                        for key in ("throughput_rps", "of_best", "p50_ms", "p99_ms")
+                    },
+                    "shares": [row["of_best"] for row in mine],
+                }
+            )
     lines = [
-        "| server | concurrency | throughput (req/s) | of in-process best | p50 (ms) | p99 (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| server | concurrency | throughput (req/s) | of in-process best | each round | p50 (ms) | p99 (ms) |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
-    for row in rows:
+    for row in merged:
+        shares = ", ".join(f"{share:.0%}" for share in row["shares"])
         lines.append(
-            f"| {row['server']} | {row['concurrency']} | {row['throughput_rps']:.1f} | "
-            f"{row['throughput_rps'] / best:.0%} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |"
+            f"| {row['server']} | {row['concurrency']} | {row['throughput_rps']:.1f} | {row['of_best']:.0%} | "
+            f"{shares} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |"
         )
     table = "\n".join(lines)
-    ceiling_line = ", ".join(f"{k}: {r:.1f} samples/s" for k, r in ceiling.items())
-    print(f"\nin-process ceiling: {ceiling_line}\n\n{table}")
+    ceiling_lines = "\n".join(
+        f"- round {number}: " + ", ".join(f"{k}: {r:.1f} samples/s" for k, r in ceiling.items())
+        for number, ceiling in enumerate(ceilings, 1)
+    )
+    print(f"\nin-process ceiling:\n{ceiling_lines}\n\n{table}")
     if args.out is None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
@@ -278,19 +277,20 @@ def report(rows: list[dict], ceiling: dict[str, float], best: float, args) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    best = median(max(ceiling.values()) for ceiling in ceilings)
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for server in dict.fromkeys(row["server"] for row in rows):
-        mine = [row for row in rows if row["server"] == server]
+    for server in dict.fromkeys(row["server"] for row in merged):
+        mine = [row for row in merged if row["server"] == server]
         left.plot([r["concurrency"] for r in mine], [r["throughput_rps"] for r in mine], marker="o", label=server)
         right.plot([r["concurrency"] for r in mine], [r["p99_ms"] for r in mine], marker="o", label=server)
     left.axhline(best, linestyle="--", color="grey", label="in-process best")
-    left.set(xscale="log", xlabel="concurrency", ylabel="requests/s", title="Throughput")
+    left.set(xscale="log", xlabel="concurrency", ylabel="requests/s", title="Throughput (median of rounds)")
     right.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="ms", title="p99 latency")
     left.legend()
     figure.tight_layout()
     figure.savefig(args.out / "serving.png", dpi=100)
     (args.out / "serving.md").write_text(
-        f"In-process ceiling: {ceiling_line}.\n\n{table}\n\n![throughput and p99 latency](serving.png)\n"
+        f"In-process ceiling:\n\n{ceiling_lines}\n\n{table}\n\n![throughput and p99 latency](serving.png)\n"
     )
 
 
