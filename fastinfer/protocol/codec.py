@@ -363,7 +363,7 @@ class FrameDecoder:
             self._rejected = True
             self._state, self._target, self._filled, self._remaining = _State.DISCARD, None, 0, payload_length
             return
-        self._head = FrameHead(FrameType(frame_type), request_id, flags, envelope, message, payload_length)
+        self._head = FrameHead(_FRAME_TYPES[frame_type], request_id, flags, envelope, message, payload_length)
         events.append(self._head)
         if payload_length:
             self._state = _State.DECIDE
@@ -380,7 +380,7 @@ def aligned_buffer(nbytes: int) -> memoryview:
 
 
 DECODED_ENVELOPES_KEPT = 64
-_FRAME_TYPES = frozenset(int(t) for t in FrameType)
+_FRAME_TYPES = {int(t): t for t in FrameType}
 
 
 def _decode_envelope(

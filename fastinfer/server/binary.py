@@ -26,6 +26,8 @@ from fastinfer.batcher import Row
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
 from fastinfer.protocol import (
+    HEADER,
+    MAGIC,
     SUPPORTED_VERSIONS,
     FrameDecoder,
     FrameHead,
@@ -44,6 +46,9 @@ from fastinfer.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
+PROTOCOL_VERSION = SUPPORTED_VERSIONS[-1]
+
+TEMPLATES_KEPT = 64
 PAUSE_AFTER_REQUESTS = 256  # per connection: stop reading past this many requests in flight
 JOIN_BELOW_BYTES = 64 << 10  # replies this small are copied into one write: a syscall costs more
 
@@ -56,6 +61,48 @@ class Receiving:
     request: Request
     started: float
     direct: bool  # the payload goes straight into shared memory
+
+
+@dataclass
+class ReplyTemplate:
+    """A model's one-sample RESPONSE envelope, encoded once: its replies differ only in their
+    request id and their bytes."""
+
+    body: bytes
+    outputs: tuple[int, ...]  # the indices of the outputs sent, in order
+    paddings: tuple[bytes, ...]  # before each of them
+    payload_length: int
+
+    @classmethod
+    def build(cls, signature: ModelSignature, request: Request) -> ReplyTemplate | None:
+        """None where the general path is needed (an output dtype not sent as it is in memory)."""
+        chosen = [
+            (index, spec)
+            for index, spec in enumerate(signature.outputs)
+            if request.outputs is None or spec.name in request.outputs
+        ]
+        arrays = {spec.name: np.zeros((1, *spec.shape), spec.dtype) for _, spec in chosen}
+        if any(not array.dtype.isnative or array.dtype.byteorder == ">" for array in arrays.values()):
+            return None
+        descriptors, _ = pack_tensors(arrays)
+        paddings, end = [], 0
+        for descriptor in descriptors:
+            paddings.append(bytes(descriptor["offset"] - end))
+            end = descriptor["offset"] + descriptor["nbytes"]
+        first = encode_frame(FrameType.RESPONSE, 0, {"model": request.model, "outputs": descriptors})[0]
+        body = bytes(first[HEADER.size :])
+        return cls(body, tuple(index for index, _ in chosen), tuple(paddings), end)
+
+    def frame(self, request_id: int, outputs: list[np.ndarray]) -> list[bytes | memoryview]:
+        parts: list[bytes | memoryview] = [
+            HEADER.pack(MAGIC, PROTOCOL_VERSION, FrameType.RESPONSE, 0, request_id, len(self.body), self.payload_length)
+            + self.body
+        ]
+        for index, padding in zip(self.outputs, self.paddings, strict=True):
+            if padding:
+                parts.append(padding)
+            parts.append(outputs[index].data.cast("B"))
+        return parts
 
 
 @dataclass
@@ -85,6 +132,8 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         self._after_flush: list[Row] = []  # rows whose outputs _out holds views of
         self._after_drain: list[Row] = []  # rows whose outputs the transport still holds views of
         self._paused = False
+        self._templates: dict[tuple[int, tuple[str, ...] | None], tuple[ModelSignature, ReplyTemplate | None]] = {}
+        self._checked: dict[int, tuple[ModelSignature, Request, int]] = {}  # id(request) -> its batch size
 
     # asyncio callbacks
 
@@ -197,7 +246,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         if signature.takes_images != (request.image is not None):
             kind = "an encoded image" if signature.takes_images else "tensors"
             raise BadRequest(f"model {signature.name} takes {kind}")
-        count = 1 if request.image is not None else _batch_of(signature, request)
+        count = 1 if request.image is not None else self._checked_batch_of(signature, request)
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms else self.config.request_timeout_s
         rows: list[Row] = []
         try:
@@ -208,6 +257,17 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                 row.release()
             raise
         return rows
+
+    def _checked_batch_of(self, signature: ModelSignature, request: Request) -> int:
+        """_batch_of(), remembered: the decoder hands the same Request object for the same envelope."""
+        entry = self._checked.get(id(request))
+        if entry is not None and entry[0] is signature and entry[1] is request:
+            return entry[2]
+        count = _batch_of(signature, request)
+        if len(self._checked) >= TEMPLATES_KEPT:
+            self._checked.clear()
+        self._checked[id(request)] = (signature, request, count)
+        return count
 
     def _request_received(self, head: FrameHead, payload: memoryview | None) -> None:
         receiving = self._receiving.pop(head.request_id, None)
@@ -251,21 +311,12 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                 assert row.outcome is not None
                 results.append(row.outcome)
             signature = rows[0].batch.queue.signature
-            envelope: dict[str, Any] = {"model": request.model}
-            if results[0].classes is not None:
-                envelope["classes"] = results[0].classes
-            wanted = set(request.outputs) if request.outputs is not None else None
-            outputs = {}
-            for index, spec in enumerate(signature.outputs):
-                if wanted is None or spec.name in wanted:
-                    if len(results) == 1:
-                        outputs[spec.name] = results[0].outputs[index][np.newaxis]
-                    else:
-                        outputs[spec.name] = np.stack([r.outputs[index] for r in results])
-            descriptors, parts = pack_tensors(outputs)
-            envelope["outputs"] = descriptors
-            held = self._send(FrameType.RESPONSE, answering.request_id, envelope, parts)
-            del results, outputs, parts
+            template = self._template(signature, request) if len(results) == 1 and results[0].classes is None else None
+            if template is not None:
+                held = self._queue(template.frame(answering.request_id, results[0].outputs))
+            else:
+                held = self._send(FrameType.RESPONSE, answering.request_id, *_envelope(signature, request, results))
+            del results
         except FastInferError as error:
             code = error.code
             self._send_error(answering.request_id, error)
@@ -282,11 +333,22 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                 self._paused = False
                 self.transport.resume_reading()
 
+    def _template(self, signature: ModelSignature, request: Request) -> ReplyTemplate | None:
+        key = (id(signature), request.outputs)
+        entry = self._templates.get(key)
+        if entry is None or entry[0] is not signature:
+            if len(self._templates) >= TEMPLATES_KEPT:
+                self._templates.clear()
+            entry = self._templates[key] = (signature, ReplyTemplate.build(signature, request))
+        return entry[1]
+
     def _send(self, frame_type: FrameType, request_id: int, envelope: dict | None, parts: Any = ()) -> bool:
         """Queue a frame for this loop iteration's write; True if it went as views that must stay valid."""
+        return self._queue(encode_frame(frame_type, request_id, envelope, parts))
+
+    def _queue(self, buffers: list[bytes | memoryview]) -> bool:
         if self.transport is None or self.transport.is_closing():
             return False
-        buffers = encode_frame(frame_type, request_id, envelope, parts)
         as_views = sum(len(b) for b in buffers) > JOIN_BELOW_BYTES
         if as_views:
             self._out.extend(buffers)
@@ -314,6 +376,24 @@ class BinaryProtocol(asyncio.BufferedProtocol):
 
     def _send_error(self, request_id: int, error: FastInferError) -> None:
         self._send(FrameType.ERROR, request_id, error_envelope(error.code, error.message, error.status))
+
+
+def _envelope(signature: ModelSignature, request: Request, results: list) -> tuple[dict[str, Any], list]:
+    """The RESPONSE envelope and payload parts of a request with several samples, or classes."""
+    envelope: dict[str, Any] = {"model": request.model}
+    if results[0].classes is not None:
+        envelope["classes"] = results[0].classes
+    wanted = set(request.outputs) if request.outputs is not None else None
+    outputs = {}
+    for index, spec in enumerate(signature.outputs):
+        if wanted is None or spec.name in wanted:
+            if len(results) == 1:
+                outputs[spec.name] = results[0].outputs[index][np.newaxis]
+            else:
+                outputs[spec.name] = np.stack([r.outputs[index] for r in results])
+    descriptors, parts = pack_tensors(outputs)
+    envelope["outputs"] = descriptors
+    return envelope, parts
 
 
 def _batch_of(signature: ModelSignature, request: Request) -> int:
