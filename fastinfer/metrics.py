@@ -45,6 +45,7 @@ class Metrics:
         self.worker_restarts = Counter("fastinfer_worker_restarts", "Workers started again", ["worker"], registry=r)
         self.workers_ready = Gauge("fastinfer_workers_ready", "Workers warm and serving", registry=r)
         self._request_children: dict[tuple[str, str, str], tuple] = {}
+        self._batch_children: dict[str, tuple] = {}
 
     def request_done(self, model: str, protocol: str, code: str, latency_s: float) -> None:
         """Count one answered request; the labelled children are looked up once, not per request."""
@@ -57,9 +58,17 @@ class Metrics:
         children[1].observe(latency_s)
 
     def batch_done(self, model: str, size: int, queue_s: float, compute_s: float) -> None:
-        self.batch_size.labels(model).observe(size)
-        self.queue_latency.labels(model).observe(queue_s)
-        self.compute_latency.labels(model).observe(compute_s)
+        children = self._batch_children.get(model)
+        if children is None:
+            children = (
+                self.batch_size.labels(model),
+                self.queue_latency.labels(model),
+                self.compute_latency.labels(model),
+            )
+            self._batch_children[model] = children
+        children[0].observe(size)
+        children[1].observe(queue_s)
+        children[2].observe(compute_s)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,8 +52,7 @@ class TvmRuntime:
 
         assert self._main is not None, "load() first"
         result = self._main(*(tvm.runtime.from_dlpack(x) for x in inputs))
-        results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        return [r.numpy() for r in results]
+        return [np.from_dlpack(r) for r in _results(result)]  # views of TVM's outputs: .numpy() copies
 
 
 class EchoRuntime:
@@ -141,7 +140,7 @@ class TvmArchiveRuntime:
         if main is None:
             raise ValueError(f"no library for batch size {rows}; compiled: {sorted(self._mains, key=str)}")
         result = main(*(tvm.runtime.from_dlpack(x) for x in inputs))  # type: ignore[operator]
-        return [r.numpy() for r in _results(result)]
+        return [np.from_dlpack(r) for r in _results(result)]  # views of TVM's outputs: .numpy() copies
 
 
 def _results(result: object) -> list:
