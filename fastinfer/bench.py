@@ -189,7 +189,7 @@ async def bench(
     input_name: str = "input",
     pipeline: int = 1,
 ) -> BenchResult:
-    """Measure ``model`` at ``url`` (``http://host:port`` or ``tcp://host:port``).
+    """Measure ``model`` at ``url`` (``http://host:port``, ``tcp://host:port`` or ``unix:///path``).
 
     ``pipeline`` (binary protocol only) puts that many of the ``concurrency`` requests in flight on
     each connection, as the asyncio client does; HTTP keeps one per connection."""
@@ -216,7 +216,10 @@ async def bench(
             def connection(done: asyncio.Future = done) -> _Connection:
                 return connection_class(request, recorder, done, depth)
 
-            await loop.create_connection(connection, host, port)
+            if parsed.scheme == "unix":
+                await loop.create_unix_connection(connection, parsed.path)
+            else:
+                await loop.create_connection(connection, host, port)
             await done
 
     connections = math.ceil(concurrency / depth)

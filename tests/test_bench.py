@@ -8,13 +8,19 @@ from fastinfer.bench import bench
 
 @pytest.fixture
 async def server(tmp_path):
-    async with running_server(tmp_path, models=("echo=echo:float32:16", "slow=echo:float32:16:0.05")) as server:
+    models = ("echo=echo:float32:16", "slow=echo:float32:16:0.05")
+    async with running_server(tmp_path, models=models, binary_socket=str(tmp_path / "binary.sock")) as server:
         yield server
 
 
-@pytest.mark.parametrize("protocol, pipeline", [("http", 1), ("binary", 1), ("binary", 4)])
-async def test_bench_counts_answers_within_the_window(server, protocol, pipeline):
-    url = f"http://127.0.0.1:{server.http_port}" if protocol == "http" else f"tcp://127.0.0.1:{server.binary.port}"
+@pytest.mark.parametrize("scheme, pipeline", [("http", 1), ("tcp", 1), ("tcp", 4), ("unix", 2)])
+async def test_bench_counts_answers_within_the_window(server, scheme, pipeline):
+    url = {
+        "http": f"http://127.0.0.1:{server.http_port}",
+        "tcp": f"tcp://127.0.0.1:{server.binary.port}",
+        "unix": f"unix://{server.config.binary_socket}",
+    }[scheme]
+    protocol = "http" if scheme == "http" else "binary"
     options = {"shape": (1, 16), "input_name": "input", "pipeline": pipeline}
     result = await bench(url, "echo", concurrency=8, duration_s=0.5, **options)
     assert (result.protocol, result.errors) == (protocol, 0)
