@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_bench_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="tcp://127.0.0.1:8090", help="http://HOST:PORT, tcp://HOST:PORT or unix:///PATH")
+    parser.add_argument(
+        "--url", default="tcp://127.0.0.1:8090", help="http://HOST:PORT, tcp://HOST:PORT or unix:///PATH"
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     parser.add_argument("--duration-s", type=float, default=5.0, help="measured time, after 1 s of warm-up")

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = SUPPORTED_VERSIONS[-1]
 
-TEMPLATES_KEPT = 64
+REMEMBERED_ENVELOPES = 64  # per connection: reply templates, and request checks
 PAUSE_AFTER_REQUESTS = 256  # per connection: stop reading past this many requests in flight
 JOIN_BELOW_BYTES = 64 << 10  # replies this small are copied into one write: a syscall costs more
 
@@ -75,15 +76,15 @@ class ReplyTemplate:
 
     @classmethod
     def build(cls, signature: ModelSignature, request: Request) -> ReplyTemplate | None:
-        """None where the general path is needed (an output dtype not sent as it is in memory)."""
+        """None where replies need the general path."""
         chosen = [
             (index, spec)
             for index, spec in enumerate(signature.outputs)
             if request.outputs is None or spec.name in request.outputs
         ]
+        if sys.byteorder != "little":
+            return None  # outputs are not sent as they are in memory
         arrays = {spec.name: np.zeros((1, *spec.shape), spec.dtype) for _, spec in chosen}
-        if any(not array.dtype.isnative or array.dtype.byteorder == ">" for array in arrays.values()):
-            return None
         descriptors, _ = pack_tensors(arrays)
         paddings, end = [], 0
         for descriptor in descriptors:
@@ -264,7 +265,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         if entry is not None and entry[0] is signature and entry[1] is request:
             return entry[2]
         count = _batch_of(signature, request)
-        if len(self._checked) >= TEMPLATES_KEPT:
+        if len(self._checked) >= REMEMBERED_ENVELOPES:
             self._checked.clear()
         self._checked[id(request)] = (signature, request, count)
         return count
@@ -337,7 +338,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         key = (id(signature), request.outputs)
         entry = self._templates.get(key)
         if entry is None or entry[0] is not signature:
-            if len(self._templates) >= TEMPLATES_KEPT:
+            if len(self._templates) >= REMEMBERED_ENVELOPES:
                 self._templates.clear()
             entry = self._templates[key] = (signature, ReplyTemplate.build(signature, request))
         return entry[1]
