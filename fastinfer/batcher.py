@@ -371,6 +371,8 @@ class Batcher:
 
     def pump(self) -> None:
         """Give batches to every worker that can take one, by the rules at the top of this module."""
+        if not any(queue.batches for queue in self.queues.values()):
+            return  # nothing waits (as after most answers at low load)
         # One reading of the clock for the whole decision: a batch not yet due gets a timer, and
         # one that is due is taken; read twice, the clock could move between and leave neither.
         now = self.now()
