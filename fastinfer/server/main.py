@@ -11,6 +11,7 @@ and the reload on SIGHUP.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -129,6 +130,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> Non
         server.binary.port,
     )
     service.start()
+    gc.freeze()  # what start-up made lives as long as the server: full collections need not walk it
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("shutting down")
