@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
+from bench_serving import wait_for_line
 from onnx import TensorProto, helper
 
 
@@ -31,15 +30,6 @@ def identity_model(path: Path) -> None:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 16])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-
-
-def wait_for(log: Path, pattern: str, timeout_s: float) -> re.Match:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if match := re.search(pattern, log.read_text()):
-            return match
-        time.sleep(0.2)
-    raise RuntimeError(f"no line matching {pattern!r} in {log}")
 
 
 def bench(url: str, concurrency: int, pipeline: int, seconds: float) -> dict:
@@ -68,8 +58,8 @@ def main() -> None:
             stderr=log.open("w"),
         )  # fmt: skip
         try:
-            ports = wait_for(log, r"http://127\.0\.0\.1:(\d+),.*binary tcp://127\.0\.0\.1:(\d+)", 120)
-            wait_for(log, "ready: all workers are warm", 300)
+            ports = wait_for_line(log, r"http://127\.0\.0\.1:(\d+),.*binary tcp://127\.0\.0\.1:(\d+)", 120)
+            wait_for_line(log, "ready: all workers are warm", 300)
             http, binary = f"http://127.0.0.1:{ports[1]}", f"tcp://127.0.0.1:{ports[2]}"
             runs = [
                 ("binary, 1 client", binary, 1, 1),

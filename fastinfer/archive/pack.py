@@ -336,7 +336,7 @@ def _check_kernels(executable: Any, target: dict, label: str, stream: TextIO) ->
     from tvm.support import nvcc
 
     arch = str(tvm.target.Target(target).attrs["arch"])
-    compiler = _cuda_compiler()
+    compiler = cuda_compiler()
     if compiler is None:
         print(f"{label}: no nvcc or NVRTC here; its CUDA kernels are first compiled on the GPU", file=stream)
         return
@@ -364,7 +364,7 @@ def _compiler_errors(text: str) -> str:
     return " | ".join(found) or text.strip()[-500:]
 
 
-def _cuda_compiler() -> str | None:
+def cuda_compiler() -> str | None:
     """nvcc when on the PATH, else NVRTC when ``cuda-bindings`` is installed, else None."""
     if shutil.which("nvcc"):
         return "nvcc"

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = SUPPORTED_VERSIONS[-1]
 
-REMEMBERED_ENVELOPES = 64  # per connection: reply templates, and request checks
+REMEMBERED_ENVELOPES = 64  # per connection (SeenEnvelope)
 PAUSE_AFTER_REQUESTS = 256  # per connection: stop reading past this many requests in flight
 JOIN_BELOW_BYTES = 64 << 10  # replies this small are copied into one write: a syscall costs more
 
@@ -107,6 +107,20 @@ class ReplyTemplate:
 
 
 @dataclass
+class SeenEnvelope:
+    """What a connection learnt from a request envelope. The decoder hands the same Request object
+    for the same envelope bytes, so its checks and its reply template are worked out once."""
+
+    signature: ModelSignature
+    request: Request
+    batch: int
+
+    @functools.cached_property
+    def template(self) -> ReplyTemplate | None:
+        return ReplyTemplate.build(self.signature, self.request)
+
+
+@dataclass
 class Answering:
     """A request whose rows are with the batcher; answered when the last row's result is in."""
 
@@ -133,8 +147,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         self._after_flush: list[Row] = []  # rows whose outputs _out holds views of
         self._after_drain: list[Row] = []  # rows whose outputs the transport still holds views of
         self._paused = False
-        self._templates: dict[tuple[int, tuple[str, ...] | None], tuple[ModelSignature, ReplyTemplate | None]] = {}
-        self._checked: dict[int, tuple[ModelSignature, Request, int]] = {}  # id(request) -> its batch size
+        self._seen: dict[int, SeenEnvelope] = {}  # by id() of the decoder's Request
 
     # asyncio callbacks
 
@@ -247,7 +260,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         if signature.takes_images != (request.image is not None):
             kind = "an encoded image" if signature.takes_images else "tensors"
             raise BadRequest(f"model {signature.name} takes {kind}")
-        count = 1 if request.image is not None else self._checked_batch_of(signature, request)
+        count = self._seen_envelope(signature, request).batch
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms else self.config.request_timeout_s
         rows: list[Row] = []
         try:
@@ -259,16 +272,14 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             raise
         return rows
 
-    def _checked_batch_of(self, signature: ModelSignature, request: Request) -> int:
-        """_batch_of(), remembered: the decoder hands the same Request object for the same envelope."""
-        entry = self._checked.get(id(request))
-        if entry is not None and entry[0] is signature and entry[1] is request:
-            return entry[2]
-        count = _batch_of(signature, request)
-        if len(self._checked) >= REMEMBERED_ENVELOPES:
-            self._checked.clear()
-        self._checked[id(request)] = (signature, request, count)
-        return count
+    def _seen_envelope(self, signature: ModelSignature, request: Request) -> SeenEnvelope:
+        seen = self._seen.get(id(request))
+        if seen is None or seen.signature is not signature or seen.request is not request:
+            batch = 1 if request.image is not None else _batch_of(signature, request)
+            if len(self._seen) >= REMEMBERED_ENVELOPES:
+                self._seen.clear()
+            seen = self._seen[id(request)] = SeenEnvelope(signature, request, batch)
+        return seen
 
     def _request_received(self, head: FrameHead, payload: memoryview | None) -> None:
         receiving = self._receiving.pop(head.request_id, None)
@@ -312,7 +323,8 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                 assert row.outcome is not None
                 results.append(row.outcome)
             signature = rows[0].batch.queue.signature
-            template = self._template(signature, request) if len(results) == 1 and results[0].classes is None else None
+            one_plain = len(results) == 1 and results[0].classes is None
+            template = self._seen_envelope(signature, request).template if one_plain else None
             if template is not None:
                 held = self._queue(template.frame(answering.request_id, results[0].outputs))
             else:
@@ -333,15 +345,6 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             if self._paused and len(self.answering) <= PAUSE_AFTER_REQUESTS // 2 and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
-
-    def _template(self, signature: ModelSignature, request: Request) -> ReplyTemplate | None:
-        key = (id(signature), request.outputs)
-        entry = self._templates.get(key)
-        if entry is None or entry[0] is not signature:
-            if len(self._templates) >= REMEMBERED_ENVELOPES:
-                self._templates.clear()
-            entry = self._templates[key] = (signature, ReplyTemplate.build(signature, request))
-        return entry[1]
 
     def _send(self, frame_type: FrameType, request_id: int, envelope: dict | None, parts: Any = ()) -> bool:
         """Queue a frame for this loop iteration's write; True if it went as views that must stay valid."""

@@ -49,6 +49,13 @@ def built(tmp_path_factory):
     return paths, cache
 
 
+def loaded_runtime(archive) -> TvmArchiveRuntime:
+    manifest = archive.manifest
+    runtime = TvmArchiveRuntime(archive.library_paths(), manifest.inputs, manifest.outputs, manifest.batch_sizes)
+    runtime.load()
+    return runtime
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_light_model_archive_matches_expected_output(built, name, tmp_path):
     paths, _ = built
@@ -56,8 +63,7 @@ def test_light_model_archive_matches_expected_output(built, name, tmp_path):
     manifest = archive.manifest
     assert manifest.name == name and manifest.tuning is None
     assert manifest.batch_sizes == (1,)
-    runtime = TvmArchiveRuntime(archive.library_paths(), manifest.inputs, manifest.outputs, manifest.batch_sizes)
-    runtime.load()
+    runtime = loaded_runtime(archive)
     model = onnx.load(str(LIGHT / f"light_{name}.onnx"))
     sample = light_input(model)
     batch = aligned_zeros(sample.shape, "float32")
@@ -100,9 +106,7 @@ def test_symbolic_batch_with_batch_sizes(tmp_path):
     )
     assert manifest.batch_sizes == (1, 4) and set(manifest.libraries) == {"any"}
     assert [c["batch"] for c in manifest.build["verified"]["checks"]] == [1, 3]
-    archive = load(output, tmp_path / "cache")
-    runtime = TvmArchiveRuntime(archive.library_paths(), manifest.inputs, manifest.outputs, manifest.batch_sizes)
-    runtime.load()
+    runtime = loaded_runtime(load(output, tmp_path / "cache"))
     batch = aligned_zeros((4, 3, 224, 224), "float32")
     batch[:] = np.random.default_rng(1).random((4, 3, 224, 224), dtype=np.float32)
     (together,) = runtime.run([batch])
@@ -144,9 +148,7 @@ def test_batch_one_export_runs_each_sample_as_exported(tmp_path):
     manifest = build_archive(source, output, BuildOptions(name="hard", batch_sizes=(1, 4), cache_dir=str(tmp_path)))
     assert [spec.name for spec in manifest.inputs] == ["in/x"]
     assert [c["batch"] for c in manifest.build["verified"]["checks"]] == [1, 3]
-    archive = load(output, tmp_path / "cache")
-    runtime = TvmArchiveRuntime(archive.library_paths(), manifest.inputs, manifest.outputs, manifest.batch_sizes)
-    runtime.load()
+    runtime = loaded_runtime(load(output, tmp_path / "cache"))
     batch = aligned_zeros((4, 2, 3, 4), "float32")
     batch[:] = np.random.default_rng(2).random((4, 2, 3, 4), dtype=np.float32)
     (together,) = runtime.run([batch])

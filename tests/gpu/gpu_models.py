@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fastinfer.archive import pack
 from fastinfer.worker.cuda import cuda_available
 
 ARCH = "sm_90"  # the H200's; compile-only builds name it, GPU builds detect theirs
@@ -27,15 +27,7 @@ def tvm_compiles() -> bool:
 
 def cuda_compiler() -> str | None:
     """How TVM would compile CUDA here (nvcc on the PATH, or NVRTC from cuda-python), or None."""
-    if not tvm_compiles():
-        return None
-    if shutil.which("nvcc"):
-        return "nvcc"
-    try:
-        import cuda.bindings.nvrtc  # noqa: F401
-    except ImportError:
-        return None
-    return "nvrtc"
+    return pack.cuda_compiler() if tvm_compiles() else None
 
 
 needs_cuda_compiler = pytest.mark.skipif(
