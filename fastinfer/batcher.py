@@ -21,6 +21,7 @@ Rules (after Triton's dynamic batcher, with one addition for latency):
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -43,7 +44,9 @@ class Worker(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    def send_batch(self, message: dict[str, Any]) -> asyncio.Future: ...
+    def send_batch(
+        self, message: dict[str, Any], done: Callable[[dict[str, Any] | None, FastInferError | None], None]
+    ) -> None: ...
 
 
 @dataclass
@@ -418,17 +421,12 @@ class Batcher:
         batch.state = SENT
         batch.sent_s = self.now()
         try:
-            future = worker.send_batch(batch.message())
+            worker.send_batch(batch.message(), functools.partial(self._finished, batch))
         except FastInferError as error:
             batch.finish(None, error)
-            return
-        future.add_done_callback(lambda f: self._finished(batch, f))
 
-    def _finished(self, batch: Batch, future: asyncio.Future) -> None:
-        error = future.exception()
-        if error is not None and not isinstance(error, FastInferError):
-            error = FastInferError(str(error))
-        batch.finish(None if error else future.result(), error)
+    def _finished(self, batch: Batch, reply: dict[str, Any] | None, error: FastInferError | None) -> None:
+        batch.finish(reply, error)
         if self._on_batch is not None:
             now = self.now()
             self._on_batch(

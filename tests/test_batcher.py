@@ -16,21 +16,25 @@ ECHO = ModelSignature("echo", (TensorSpec("x", "float32", (4,)),), (TensorSpec("
 class FakeWorker:
     def __init__(self):
         self.state = "ready"
-        self.sent = []  # (message, future)
+        self.sent = []  # (message, done)
+        self.answered = set()  # indices into sent
 
     @property
     def in_flight(self):
-        return sum(not f.done() for _, f in self.sent)
+        return len(self.sent) - len(self.answered)
 
-    def send_batch(self, message):
-        future = asyncio.get_running_loop().create_future()
-        self.sent.append((message, future))
-        return future
+    def send_batch(self, message, done):
+        self.sent.append((message, done))
 
     def answer(self, index=-1, **reply):
-        message, future = self.sent[index]
-        future.set_result({"op": "done", "errors": [None] * message["rows"], **reply})
+        message, done = self.sent[index]
+        self.answered.add(index % len(self.sent))
+        done({"op": "done", "errors": [None] * message["rows"], **reply}, None)
         return message
+
+    def fail(self, index, error):
+        self.answered.add(index % len(self.sent))
+        self.sent[index][1](None, error)
 
 
 class Clock:
@@ -202,7 +206,7 @@ async def test_a_dead_worker_fails_its_batch(pool):
     batcher = make(pool, [worker], clock)
     row = batcher.reserve("echo", 10)
     await fill(row, 1.0)
-    worker.sent[0][1].set_exception(WorkerDied("gone"))
+    worker.fail(0, WorkerDied("gone"))
     with pytest.raises(WorkerDied):
         await row.result()
     row.release()

@@ -148,14 +148,14 @@ class InferenceRoutes:
         check_version(model, request.match_info.get("version"))
         started = time.perf_counter()
         code = "ok"
-        self.metrics.in_flight.labels("http").inc()
+        self.metrics.request_started("http")
         try:
             return await self._predict(request, model)
         except FastInferError as error:
             code = error.code
             raise
         finally:
-            self.metrics.in_flight.labels("http").dec()
+            self.metrics.request_ended("http")
             if model in self.supervisor.model_paths:
                 self.metrics.request_done(model, "http", code, time.perf_counter() - started)
 

@@ -72,7 +72,7 @@ class V2Routes:
         model = request.match_info["model"]
         started = time.perf_counter()
         code = "ok"
-        self.metrics.in_flight.labels(PROTOCOL).inc()
+        self.metrics.request_started(PROTOCOL)
         try:
             return await self._infer(request)
         except FastInferError as error:
@@ -82,7 +82,7 @@ class V2Routes:
             code = error.reason.lower().replace(" ", "_")
             raise
         finally:
-            self.metrics.in_flight.labels(PROTOCOL).dec()
+            self.metrics.request_ended(PROTOCOL)
             if model in self.supervisor.model_paths:
                 self.metrics.request_done(model, PROTOCOL, code, time.perf_counter() - started)
 

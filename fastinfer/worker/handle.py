@@ -13,13 +13,16 @@ import logging
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from fastinfer.errors import ModelLoadError, WorkerDied
+from fastinfer.errors import FastInferError, ModelLoadError, WorkerDied
 from fastinfer.signature import ModelSignature
 from fastinfer.worker.channel import ChannelProtocol
 
 log = logging.getLogger(__name__)
+
+BatchDone = Callable[[dict[str, Any] | None, FastInferError | None], None]  # (reply, None) or (None, error)
 
 
 class WorkerHandle:
@@ -37,7 +40,7 @@ class WorkerHandle:
         self._channel: ChannelProtocol | None = None
         self._first_message: asyncio.Future | None = None
         self._lost: asyncio.Future | None = None
-        self._pending: dict[int, tuple[asyncio.Future, float]] = {}
+        self._pending: dict[int, tuple[BatchDone, float]] = {}  # by batch id: who to tell, when sent
         self._next_id = 0
 
     @property
@@ -85,9 +88,9 @@ class WorkerHandle:
         if self._first_message is not None and not self._first_message.done():
             self._first_message.set_result(message)
         elif message["op"] == "done":
-            future, _ = self._pending.pop(message["id"], (None, 0.0))
-            if future is not None and not future.done():
-                future.set_result(message)
+            done, _ = self._pending.pop(message["id"], (None, 0.0))
+            if done is not None:
+                done(message, None)
 
     def _on_lost(self) -> None:
         self.state = "dead"
@@ -95,25 +98,19 @@ class WorkerHandle:
             self._first_message.set_result(None)
         died = WorkerDied(f"worker {self.index} died while running the request")
         pending, self._pending = self._pending, {}
-        for future, _ in pending.values():
-            if not future.done():
-                future.set_exception(died)
+        for done, _ in pending.values():
+            done(None, died)
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
-    def send_batch(self, message: dict[str, Any]) -> asyncio.Future:
-        """Send a batch; the future resolves with the worker's ``done`` reply, or WorkerDied."""
+    def send_batch(self, message: dict[str, Any], done: BatchDone) -> None:
+        """Send a batch; ``done`` is called with the worker's ``done`` reply, or with WorkerDied,
+        straight from the channel's callbacks (no future, no extra turn of the loop)."""
         if self.state != "ready" or self._channel is None:
             raise WorkerDied(f"worker {self.index} is not running")
         self._next_id += 1
-        future: asyncio.Future = self._channel_loop().create_future()
-        self._pending[self._next_id] = (future, time.monotonic())
+        self._pending[self._next_id] = (done, time.monotonic())
         self._channel.send({**message, "op": "run", "id": self._next_id})
-        return future
-
-    def _channel_loop(self) -> asyncio.AbstractEventLoop:
-        assert self._first_message is not None
-        return self._first_message.get_loop()
 
     async def _closed(self) -> None:
         if self._channel is not None:
