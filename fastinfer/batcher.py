@@ -37,6 +37,9 @@ from fastinfer.signature import BatchLayout, ModelSignature
 FILLING, READY, VOID = "filling", "ready", "void"
 
 
+BatchDone = Callable[[dict[str, Any] | None, FastInferError | None], None]  # (reply, None) or (None, error)
+
+
 class Worker(Protocol):
     @property
     def state(self) -> str: ...
@@ -44,9 +47,7 @@ class Worker(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    def send_batch(
-        self, message: dict[str, Any], done: Callable[[dict[str, Any] | None, FastInferError | None], None]
-    ) -> None: ...
+    def send_batch(self, message: dict[str, Any], done: BatchDone) -> None: ...
 
 
 @dataclass

@@ -13,16 +13,14 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
+from fastinfer.batcher import BatchDone
 from fastinfer.errors import FastInferError, ModelLoadError, WorkerDied
 from fastinfer.signature import ModelSignature
 from fastinfer.worker.channel import ChannelProtocol
 
 log = logging.getLogger(__name__)
-
-BatchDone = Callable[[dict[str, Any] | None, FastInferError | None], None]  # (reply, None) or (None, error)
 
 
 class WorkerHandle:
@@ -90,7 +88,7 @@ class WorkerHandle:
         elif message["op"] == "done":
             done, _ = self._pending.pop(message["id"], (None, 0.0))
             if done is not None:
-                done(message, None)
+                _tell(done, message, None)
 
     def _on_lost(self) -> None:
         self.state = "dead"
@@ -99,7 +97,7 @@ class WorkerHandle:
         died = WorkerDied(f"worker {self.index} died while running the request")
         pending, self._pending = self._pending, {}
         for done, _ in pending.values():
-            done(None, died)
+            _tell(done, None, died)
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
@@ -144,3 +142,11 @@ class WorkerHandle:
             await self._process.wait()
         await self._closed()
         self.state = "stopped"
+
+
+def _tell(done: BatchDone, reply: dict[str, Any] | None, error: FastInferError | None) -> None:
+    """Hand a batch's outcome on; a failure there is logged, and the worker's channel stays open."""
+    try:
+        done(reply, error)
+    except Exception:
+        log.exception("answering a batch failed")

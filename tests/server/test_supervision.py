@@ -12,6 +12,7 @@ from conftest import fastinfer_segments
 
 from fastinfer.config import Config
 from fastinfer.server.main import Server
+from fastinfer.worker.handle import WorkerHandle
 
 
 async def start(tmp_path, **options):
@@ -158,3 +159,18 @@ async def test_a_hung_worker_is_killed_and_restarted(tmp_path):
 def no_stray_segments():
     yield
     assert not fastinfer_segments()
+
+
+def test_a_failure_while_answering_a_batch_leaves_the_worker_channel_open(caplog):
+    handle = WorkerHandle(0, [0], {})
+    told = []
+
+    def broken(reply, error):
+        told.append((reply, error))
+        raise RuntimeError("a bug in answering")
+
+    handle._pending = {1: (broken, 0.0), 2: (broken, 0.0)}
+    handle._on_message({"op": "done", "id": 1})  # the channel's data_received would see no exception
+    handle._on_lost()
+    assert [type(error).__name__ for _, error in told] == ["NoneType", "WorkerDied"]
+    assert caplog.text.count("answering a batch failed") == 2
