@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,16 @@ def in_process_rates(model, seconds: float, start_at: float) -> dict[int, float]
     return rates
 
 
-def measure_in_children(archive: Path, folder: Path, core_sets: list[list[int]], seconds: float) -> dict[int, float]:
+def measure_in_children(
+    archive: Path,
+    folder: Path,
+    core_sets: list[list[int]],
+    seconds: float,
+    on_start: Callable[[float], None] | None = None,
+) -> dict[int, float]:
     """in_process_rates() in one fresh process per core set (pinned, one TVM thread a core), all
-    measuring at once; the samples per second of all of them together, by batch size."""
+    measuring at once; the samples per second of all of them together, by batch size.
+    ``on_start`` is told when (a time.time()) their first measuring window begins."""
     code = (
         "import json, os, sys, time; sys.path.insert(0, sys.argv[1]); import bench_serving as b;"
         "cores = [int(c) for c in sys.argv[4].split(',')]; os.sched_setaffinity(0, cores);"
@@ -98,11 +106,13 @@ def measure_in_children(archive: Path, folder: Path, core_sets: list[list[int]],
         )
     for child in children:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    start_at = f"{time.time() + 0.5}\n"
+    start_at = time.time() + 0.5
     for child in children:
         assert child.stdin is not None
-        child.stdin.write(start_at)
+        child.stdin.write(f"{start_at}\n")
         child.stdin.close()
+    if on_start is not None:
+        on_start(start_at)
     outputs = [child.stdout.read() for child in children]  # type: ignore[union-attr]
     for child in children:
         child.wait()

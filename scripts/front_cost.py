@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -77,17 +78,16 @@ def serve_floor(port: int, delay_s: float) -> None:
     loop.run_forever()
 
 
-def cpu_per_request(processes: dict[str, psutil.Process], client: subprocess.Popen, seconds: float) -> dict:
-    """Run the client to its end; CPU microseconds per request of each process over its middle."""
-    time.sleep(1.5)
+def cpu_per_request(processes: dict[str, psutil.Process], client: subprocess.Popen, begin: float, end: float) -> dict:
+    """CPU microseconds per request of each process (and the client) between the time.time()s
+    ``begin`` and ``end``, inside the client's run; then wait for the client's end."""
     processes = {**processes, "client": psutil.Process(client.pid)}
+    time.sleep(max(0.0, begin - time.time()))
     before = {name: p.cpu_times() for name, p in processes.items()}
-    started = time.monotonic()
-    time.sleep(seconds - 2.5)
+    time.sleep(max(0.0, end - time.time()))
     after = {name: p.cpu_times() for name, p in processes.items()}
-    wall = time.monotonic() - started
     result = json.loads(client.communicate()[0])
-    rate = result["throughput_rps"]
+    rate, wall = result["throughput_rps"], end - begin
     used = {n: (after[n].user + after[n].system - before[n].user - before[n].system) / wall for n in processes}
     return {"rate": rate, **{name: 1e6 * share / rate for name, share in used.items()}}
 
@@ -107,33 +107,38 @@ def bench_client(url: str, concurrency: int, seconds: float) -> subprocess.Popen
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
-def measure_fastinfer(archive: Path, folder: Path, cores: int, concurrency: int, seconds: float) -> dict:
-    server, urls = bench_serving.start_fastinfer(archive, folder, f"cpu:{cores}")
+def measure_fastinfer(archive: Path, folder: Path, workers: int, concurrency: int, seconds: float) -> dict:
+    server, urls = bench_serving.start_fastinfer(archive, folder, f"cpu:{workers}")
     try:
         client = bench_client(urls["fastinfer binary"], concurrency, seconds)
-        return cpu_per_request({"front": psutil.Process(server.pid)}, client, seconds)
+        now = time.time()
+        return cpu_per_request({"front": psutil.Process(server.pid)}, client, now + 1.5, now + seconds - 1)
     finally:
         server.terminate()
         server.wait(30)
 
 
-def measure_floor(archive: Path, folder: Path, cores: int, concurrency: int, seconds: float, delay_s: float) -> dict:
+def measure_floor(
+    archive: Path, folder: Path, cores: list[list[int]], concurrency: int, seconds: float, delay_s: float
+) -> dict:
     port = 18591
     floor = subprocess.Popen(
         [sys.executable, __file__, "--serve-floor", str(port), str(delay_s)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert floor.stdout is not None and floor.stdout.readline().strip() == "ready"
+        client = bench_client(f"tcp://127.0.0.1:{port}", concurrency, seconds + 10)  # outlasts the model's window
+        time.sleep(1)
         rates: dict[int, float] = {}
+        window: queue.Queue[float] = queue.Queue()
         models = threading.Thread(
             target=lambda: rates.update(
-                bench_serving.measure_in_children(archive, folder, [[core] for core in range(cores)], seconds + 2)
+                bench_serving.measure_in_children(archive, folder, cores, seconds, on_start=window.put)
             )
         )
-        models.start()
-        time.sleep(2)  # the model processes load and start together
-        client = bench_client(f"tcp://127.0.0.1:{port}", concurrency, seconds)
-        measured = cpu_per_request({"front": psutil.Process(floor.pid)}, client, seconds)
+        models.start()  # the model processes load, then measure for `seconds` while the client runs
+        begin = window.get(timeout=60)
+        measured = cpu_per_request({"front": psutil.Process(floor.pid)}, client, begin, begin + seconds)
         models.join()
         return {**measured, "model": max(rates.values())}
     finally:
@@ -151,16 +156,14 @@ def main() -> None:
     if args.serve_floor:
         serve_floor(int(args.serve_floor[0]), float(args.serve_floor[1]))
         return
-    cores = len(os.sched_getaffinity(0))
+    cores = [[core] for core in sorted(os.sched_getaffinity(0))]  # one model process per core, as the workers
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
         archive = bench_serving.squeezenet_archive(folder, "1")
-        alone = max(
-            bench_serving.measure_in_children(archive, folder, [[c] for c in range(cores)], args.duration_s).values()
-        )
-        served = measure_fastinfer(archive, folder, cores, args.concurrency, args.duration_s)
+        alone = max(bench_serving.measure_in_children(archive, folder, cores, args.duration_s).values())
+        served = measure_fastinfer(archive, folder, len(cores), args.concurrency, args.duration_s)
         floor = measure_floor(archive, folder, cores, args.concurrency, args.duration_s, args.delay_ms / 1000)
-    print(f"the model alone, one pinned process per core ({cores}): {alone:.1f} samples/s")
+    print(f"the model alone, one pinned process per core ({len(cores)}): {alone:.1f} samples/s")
     print("| front | requests/s | of the model alone | front CPU per request | client CPU per request |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, row, rate in (
