@@ -11,14 +11,13 @@ pipelined on one connection) and with 32 connections. Prints the table and the r
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import onnx
-from bench_serving import wait_for_line
+from bench_serving import bench, wait_for_line
 from onnx import TensorProto, helper
 
 
@@ -30,14 +29,6 @@ def identity_model(path: Path) -> None:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 16])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-
-
-def bench(url: str, concurrency: int, pipeline: int, seconds: float) -> dict:
-    command = [
-        sys.executable, "-m", "fastinfer", "bench", "--url", url, "--model", "identity", "--shape", "1,16",
-        "--concurrency", str(concurrency), "--pipeline", str(pipeline), "--duration-s", str(seconds), "--json",
-    ]  # fmt: skip
-    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
 def main() -> None:
@@ -70,7 +61,7 @@ def main() -> None:
             ]
             results = {}
             for label, url, concurrency, pipeline in runs:
-                results[label] = bench(url, concurrency, pipeline, args.duration_s)
+                results[label] = bench(url, "identity", concurrency, args.duration_s, "1,16", pipeline=pipeline)
                 print(f"{label}: {results[label]}", flush=True)
         finally:
             server.terminate()

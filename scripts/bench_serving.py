@@ -135,28 +135,21 @@ def wait_for_line(log: Path, pattern: str, timeout_s: float) -> re.Match:
     raise RuntimeError(f"no line matching {pattern!r} in {log}")
 
 
-def bench(url: str, model: str, concurrency: int, seconds: float, shape: str, input_name: str) -> dict:
+def bench_command(
+    url: str, model: str, concurrency: int, seconds: float, shape: str, input_name: str | None = None, pipeline: int = 1
+) -> list[str]:
+    """``fastinfer bench`` with its result as one JSON line."""
     command = [
-        sys.executable,
-        "-m",
-        "fastinfer",
-        "bench",
-        "--url",
-        url,
-        "--model",
-        model,
-        "--concurrency",
-        str(concurrency),
-        "--duration-s",
-        str(seconds),
-        "--shape",
-        shape,
-        "--input-name",
-        input_name,
-        "--json",
-    ]
-    import json
+        sys.executable, "-m", "fastinfer", "bench", "--url", url, "--model", model, "--shape", shape,
+        "--concurrency", str(concurrency), "--pipeline", str(pipeline), "--duration-s", str(seconds), "--json",
+    ]  # fmt: skip
+    return command + (["--input-name", input_name] if input_name else [])
 
+
+def bench(
+    url: str, model: str, concurrency: int, seconds: float, shape: str, input_name: str | None = None, pipeline: int = 1
+) -> dict:
+    command = bench_command(url, model, concurrency, seconds, shape, input_name, pipeline)
     return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 

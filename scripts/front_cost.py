@@ -93,17 +93,7 @@ def cpu_per_request(processes: dict[str, psutil.Process], client: subprocess.Pop
 
 
 def bench_client(url: str, concurrency: int, seconds: float) -> subprocess.Popen:
-    command = [sys.executable, "-m", "fastinfer", "bench", "--url", url, "--model", "squeezenet", "--json"]
-    command += [
-        "--concurrency",
-        str(concurrency),
-        "--duration-s",
-        str(seconds),
-        "--shape",
-        SHAPE,
-        "--input-name",
-        INPUT,
-    ]
+    command = bench_serving.bench_command(url, "squeezenet", concurrency, seconds, SHAPE, INPUT)
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
