@@ -5,14 +5,19 @@ Rules (after Triton's dynamic batcher, with one addition for latency):
   payload is received straight into that row (tensor models) or into an image slot of its own
   (image models, decoded by the worker into the row). A row is FILLING until its payload is in
   (READY), or until it is given up (VOID: a padding row whose result nobody reads).
-- The open batch closes when it is full or when a worker takes it.
-- A worker takes a batch whose rows are all READY or VOID when the batch is full, or when the
+- A batch *fills a run* when it is full, or, for a model compiled for fixed batch sizes, when it
+  holds as many rows as the largest size: more rows would not run faster (they run as several
+  runs of the compiled code, which spares messages and wake-ups, not compute).
+- The open batch closes when it is full or when a worker takes it; also when it fills a run while
+  the workers have room for more batches than are waiting, so that requests arriving together
+  are shared among free workers rather than run one after another by one of them.
+- A worker takes a batch whose rows are all READY or VOID when the batch fills a run, or when the
   worker has nothing in flight and the batch has waited ``max_delay_s`` since its first row
   (0: at once — a worker with nothing to do takes what is waiting; while it is busy, rows pile up
   into the next batch). "At once" is once the loop has handled the reads at hand, so requests
   that arrive together (pipelined on a connection, or on several) go in one batch. A busy
-  worker takes only full batches, up to ``pipeline_depth`` in flight, so it never waits for the
-  front between batches.
+  worker takes batches that fill a run, up to ``pipeline_depth`` in flight, so it never waits
+  for the front between batches.
 - Past ``queue_max_size`` rows waiting, or with no free slot, a request is refused at once.
 - A batch's slots return to the pool once the worker has answered (or died) and every request of
   the batch has released its row: replies are written from views of the slot.
@@ -267,6 +272,8 @@ class ModelQueue:
         self.signature = signature
         self.layout = layout
         self.max_batch = max_batch
+        sizes = signature.batch_sizes
+        self.run_rows = min(max_batch, max(sizes)) if sizes else max_batch  # rows that fill a run
         self.sample_bytes = sum(spec.nbytes for spec in signature.inputs)
         self.batches: list[Batch] = []  # oldest first; only the last may be open
         self.waiting_rows = 0
@@ -333,6 +340,9 @@ class Batcher:
         if queue.waiting_rows >= self.queue_max_size:
             raise Overloaded(f"{queue.waiting_rows} requests are already waiting for {model}; retry later")
         batch = queue.open_batch
+        if batch is not None and len(batch.rows) >= queue.run_rows and self._room_for_another_batch():
+            batch.state = SEALED
+            batch = None
         now = self.now()
         image_slot = None
         try:
@@ -349,6 +359,10 @@ class Batcher:
         if batch.full:
             batch.state = SEALED
         return row
+
+    def _room_for_another_batch(self) -> bool:
+        room = sum(self.pipeline_depth - w.in_flight for w in self.workers if w.state == "ready")
+        return room > sum(len(queue.batches) for queue in self.queues.values())
 
     def _due_s(self, batch: Batch) -> float:
         """When a partial batch has waited long enough for an idle worker."""
@@ -404,7 +418,8 @@ class Batcher:
             if not batch.complete:
                 continue
             waited = now >= self._due_s(batch)
-            if (batch.full or (worker.in_flight == 0 and waited)) and (best is None or batch.opened_s < best.opened_s):
+            fills_a_run = len(batch.rows) >= queue.run_rows
+            if (fills_a_run or (worker.in_flight == 0 and waited)) and (best is None or batch.opened_s < best.opened_s):
                 best = batch
         if best is not None:
             best.queue.batches.pop(0)
@@ -427,12 +442,10 @@ class Batcher:
             batch.finish(None, error)
 
     def _finished(self, batch: Batch, reply: dict[str, Any] | None, error: FastInferError | None) -> None:
+        if self._on_batch is not None:  # before finish(): once its rows are released, a batch forgets them
+            queue_s, compute_s = batch.sent_s - batch.opened_s, self.now() - batch.sent_s
+            self._on_batch(batch.queue.signature.name, len(batch.rows), queue_s, compute_s)
         batch.finish(reply, error)
-        if self._on_batch is not None:
-            now = self.now()
-            self._on_batch(
-                batch.queue.signature.name, len(batch.rows), batch.sent_s - batch.opened_s, now - batch.sent_s
-            )
         self.pump()
 
     def fail_all(self, error: FastInferError) -> None:

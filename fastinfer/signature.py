@@ -41,7 +41,9 @@ class ModelSignature:
     """A served model as the front sees it.
 
     ``batch_sizes`` lists the batch sizes the compiled code accepts; None means any size (a
-    symbolic batch axis). Other sizes are padded up to the next compiled one.
+    symbolic batch axis). A batch of another size is padded up to the next compiled one; one larger
+    than the largest compiled size runs as several runs of that size, the rest padded as any batch.
+    Several runs in one batch still share its worker message, its reply and its wake-ups.
     """
 
     name: str
@@ -55,17 +57,21 @@ class ModelSignature:
     def takes_images(self) -> bool:
         return self.preprocess is not None
 
-    def max_batch(self, limit: int) -> int:
-        """Most requests one batch may hold, given the configured ``limit``."""
+    def runs(self, rows: int) -> list[tuple[int, int]]:
+        """How the compiled code runs a batch of ``rows`` requests: (first row, batch size) per run."""
         if self.batch_sizes is None:
-            return limit
-        return max(1, min(limit, max(self.batch_sizes)))
+            return [(0, rows)]
+        largest = max(self.batch_sizes)
+        runs = [(start, largest) for start in range(0, rows - largest + 1, largest)]
+        rest = rows % largest
+        if rest:
+            runs.append((rows - rest, min(size for size in self.batch_sizes if size >= rest)))
+        return runs
 
     def padded(self, rows: int) -> int:
-        """The batch size the compiled code runs for ``rows`` requests."""
-        if self.batch_sizes is None:
-            return rows
-        return min((size for size in self.batch_sizes if size >= rows), default=max(self.batch_sizes))
+        """The rows the compiled code runs for ``rows`` requests, padding included."""
+        start, size = self.runs(rows)[-1]
+        return start + size
 
     def to_dict(self) -> dict:
         return {
@@ -124,7 +130,7 @@ class BatchLayout:
     @classmethod
     def for_slot(cls, signature: ModelSignature, batch_limit: int, slot_bytes: int) -> BatchLayout:
         """The layout for the largest batch (up to ``batch_limit``) whose padded size fits a slot."""
-        for rows in range(signature.max_batch(batch_limit), 0, -1):
+        for rows in range(batch_limit, 0, -1):
             layout = cls(signature, signature.padded(rows))
             if layout.nbytes <= slot_bytes:
                 return layout

@@ -114,6 +114,28 @@ async def test_full_batches_go_to_a_busy_worker_up_to_the_pipeline_depth(pool):
     assert batcher.queue_depth("echo") == 4
 
 
+async def test_a_busy_worker_takes_a_batch_that_fills_the_largest_compiled_size(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = Batcher(pool, [worker], clock=clock, batch_max_size=4, batch_max_delay_s=0.0, queue_max_size=16)
+    batcher.add_model(ModelSignature("one", ECHO.inputs, ECHO.outputs, batch_sizes=(1,)))
+    for _ in range(6):
+        await fill(batcher.reserve("one", 10), 0.0)
+    assert [m["rows"] for m, _ in worker.sent] == [1, 1], "one row fills a run of batch 1: no need to wait"
+    worker.answer(0)
+    await asyncio.sleep(0)
+    assert [m["rows"] for m, _ in worker.sent] == [1, 1, 4], "meanwhile rows piled up, to run one after another"
+
+
+async def test_requests_that_arrive_together_are_shared_among_free_workers(pool):
+    workers, clock = [FakeWorker(), FakeWorker()], Clock()
+    batcher = Batcher(pool, workers, clock=clock, batch_max_size=4, batch_max_delay_s=0.0, queue_max_size=16)
+    batcher.add_model(ModelSignature("one", ECHO.inputs, ECHO.outputs, batch_sizes=(1,)))
+    for _ in range(6):  # room for four batches: two workers, two in flight each
+        put(batcher.reserve("one", 10), 0.0)
+    await asyncio.sleep(0)
+    assert [[m["rows"] for m, _ in w.sent] for w in workers] == [[1, 1], [1, 3]]
+
+
 async def test_the_delay_holds_a_partial_batch_for_an_idle_worker(pool):
     worker, clock = FakeWorker(), Clock()
     batcher = make(pool, [worker], clock, batch_max_delay_s=0.010)
@@ -264,3 +286,17 @@ async def test_a_partial_batch_is_never_left_without_a_timer_or_a_worker(pool):
         row.release()
         batcher.fail_all(BadRequest("test over"))
         assert pool.free_count == pool.slot_count
+
+
+async def test_each_batch_is_counted_with_its_size_and_times(pool):
+    worker, clock, batches = FakeWorker(), Clock(), []
+    batcher = make(pool, [worker], clock, on_batch=lambda *observed: batches.append(observed))
+    rows = [batcher.reserve("echo", 10) for _ in range(3)]
+    for row in rows:
+        row.when_done(lambda done: done.release())  # as a reply written at once does
+        put(row, 1.0)
+    clock.now += 0.002
+    await asyncio.sleep(0)
+    clock.now += 0.005
+    worker.answer(0)
+    assert batches == [("echo", 3, pytest.approx(0.002), pytest.approx(0.005))]

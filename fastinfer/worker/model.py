@@ -25,6 +25,15 @@ def aligned_zeros(shape: tuple[int, ...], dtype: str) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """``array`` itself if its data is aligned for TVM, else an aligned copy."""
+    if array.ctypes.data % ALIGNMENT == 0:
+        return array
+    copy = aligned_zeros(array.shape, array.dtype.str)
+    copy[...] = array
+    return copy
+
+
 @dataclass
 class LoadedModel:
     signature: ModelSignature
@@ -32,9 +41,10 @@ class LoadedModel:
     labels: list[str] | None = None
 
     def warm_up(self, rows: int) -> None:
-        """Run the largest batch once, so that the first request does not pay for first-run costs."""
-        padded = self.signature.padded(rows)
-        self.runtime.run([aligned_zeros((padded, *t.shape), t.dtype) for t in self.signature.inputs])
+        """Run each compiled size a batch of ``rows`` uses once, so that the first request does not
+        pay for first-run costs."""
+        for size in sorted({size for _, size in self.signature.runs(rows)}):
+            self.runtime.run([aligned_zeros((size, *t.shape), t.dtype) for t in self.signature.inputs])
 
     def run_batch(self, layout: BatchLayout, slot: memoryview, rows: int, images: list[memoryview | None]) -> dict:
         """Run ``rows`` requests laid out in ``slot``; write their outputs there; return the reply.
@@ -44,6 +54,7 @@ class LoadedModel:
         """
         padded = self.signature.padded(rows)
         inputs = [layout.input_array(slot, i, padded) for i in range(len(self.signature.inputs))]
+        outputs = [layout.output_array(slot, i, padded) for i in range(len(self.signature.outputs))]
         errors: list[dict | None] = [None] * rows
         if self.signature.preprocess is not None:
             for row, image in enumerate(images):
@@ -54,17 +65,25 @@ class LoadedModel:
                 except FastInferError as error:
                     errors[row] = {"code": error.code, "status": error.status, "message": error.message}
                     inputs[0][row] = 0
-        if getattr(self.runtime, "writes_outputs", False):  # a GPU copies its outputs straight into the slot
-            outputs = [layout.output_array(slot, i, padded) for i in range(len(self.signature.outputs))]
-            self.runtime.run_into(inputs, outputs)  # type: ignore[attr-defined]
-        else:
-            outputs = self.runtime.run(inputs)
-            for index, output in enumerate(outputs):
-                layout.output_array(slot, index, rows)[:] = output[:rows]
+        for start, size in self.signature.runs(rows):
+            self._run([x[start : start + size] for x in inputs], [y[start : start + size] for y in outputs])
         reply: dict = {"errors": errors}
         if self.signature.top_k:
             reply["classes"] = [None if errors[row] else self._top_k(outputs[0][row]) for row in range(rows)]
         return reply
+
+    def _run(self, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> None:
+        """One run of the compiled code, from input rows of the slot into its output rows."""
+        inputs = [_aligned(x) for x in inputs]  # a run that starts mid-slot may start off alignment
+        if getattr(self.runtime, "writes_outputs", False):  # a GPU copies its outputs straight into the slot
+            targets = [_aligned(y) for y in outputs]
+            self.runtime.run_into(inputs, targets)  # type: ignore[attr-defined]
+            for output, target in zip(outputs, targets, strict=True):
+                if target is not output:
+                    output[:] = target
+        else:
+            for output, result in zip(outputs, self.runtime.run(inputs), strict=True):
+                output[:] = result
 
     def _top_k(self, logits: np.ndarray) -> list[dict]:
         exp = np.exp(logits - logits.max())
