@@ -7,7 +7,8 @@ Rules (after Triton's dynamic batcher, with one addition for latency):
   (READY), or until it is given up (VOID: a padding row whose result nobody reads).
 - A batch *fills a run* when it is full, or, for a model compiled for fixed batch sizes, when it
   holds as many rows as the largest size: more rows would not run faster (they run as several
-  runs of the compiled code, which spares messages and wake-ups, not compute).
+  runs of the compiled code, which spares messages and wake-ups, not compute). Such a batch holds
+  at most ``batch_max_runs`` runs: its requests are answered together, after the last run.
 - The open batch closes when it is full or when a worker takes it; also when it fills a run while
   the workers have room for more batches than are waiting, so that requests arriving together
   are shared among free workers rather than run one after another by one of them.
@@ -297,6 +298,7 @@ class Batcher:
         batch_max_size: int,
         batch_max_delay_s: float,
         queue_max_size: int,
+        batch_max_runs: int | None = None,
         pipeline_depth: int = 2,
         clock: Callable[[], float] | None = None,
         on_batch: Callable[[str, int, float, float], None] | None = None,
@@ -306,6 +308,7 @@ class Batcher:
         self.batch_max_size = batch_max_size
         self.batch_max_delay_s = batch_max_delay_s
         self.queue_max_size = queue_max_size
+        self.batch_max_runs = batch_max_runs
         self.pipeline_depth = pipeline_depth
         self._clock = clock
         self._on_batch = on_batch
@@ -328,6 +331,8 @@ class Batcher:
             return
         layout = BatchLayout.for_slot(signature, self.batch_max_size, self.pool.slot_bytes)
         max_batch = min(self.batch_max_size, layout.max_batch)
+        if signature.batch_sizes and self.batch_max_runs:
+            max_batch = min(max_batch, self.batch_max_runs * max(signature.batch_sizes))
         self.queues[signature.name] = ModelQueue(self, signature, layout, max_batch)
 
     def queue_depth(self, model: str) -> int:

@@ -63,6 +63,10 @@ class Config:
     batch_max_delay_s: float = field(
         default=0.0, metadata={"help": "longest a partial batch waits for more when a worker is free (0: none)"}
     )
+    batch_max_runs: int = field(
+        default=4,
+        metadata={"help": "a model compiled for fixed batch sizes: most runs of its largest size one batch holds"},
+    )
     gpu_batch_max_size: int = field(
         default=64, metadata={"help": "batch_max_size of GPU workers (a GPU's throughput grows with the batch)"}
     )
@@ -140,6 +144,8 @@ class Config:
         self.worker_count()
         if self.max_body_bytes > self.shm_slot_bytes:
             raise ConfigError("max_body_bytes cannot exceed shm_slot_bytes: a body must fit one slot")
+        if min(self.batch_max_size, self.gpu_batch_max_size, self.batch_max_runs) < 1:
+            raise ConfigError("batch_max_size, gpu_batch_max_size and batch_max_runs must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:

@@ -121,6 +121,7 @@ class Supervisor:
             workers,
             batch_max_size=max_size,
             batch_max_delay_s=max_delay_s,
+            batch_max_runs=self.config.batch_max_runs,
             queue_max_size=self.config.queue_max_size,
             on_batch=self.metrics.batch_done,
         )

@@ -126,6 +126,19 @@ async def test_a_busy_worker_takes_a_batch_that_fills_the_largest_compiled_size(
     assert [m["rows"] for m, _ in worker.sent] == [1, 1, 4], "meanwhile rows piled up, to run one after another"
 
 
+async def test_a_batch_holds_at_most_batch_max_runs_runs(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, batch_max_runs=2, pipeline_depth=1)
+    batcher.add_model(ModelSignature("one", ECHO.inputs, ECHO.outputs, batch_sizes=(1,)))
+    assert batcher.queues["echo"].max_batch == 4, "compiled for any size: one run, up to batch_max_size"
+    await fill(batcher.reserve("one", 10), 0.0)
+    for _ in range(3):
+        await fill(batcher.reserve("one", 10), 0.0)
+    worker.answer(0)
+    await asyncio.sleep(0)
+    assert [m["rows"] for m, _ in worker.sent] == [1, 2]
+
+
 async def test_requests_that_arrive_together_are_shared_among_free_workers(pool):
     workers, clock = [FakeWorker(), FakeWorker()], Clock()
     batcher = Batcher(pool, workers, clock=clock, batch_max_size=4, batch_max_delay_s=0.0, queue_max_size=16)

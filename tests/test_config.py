@@ -157,3 +157,9 @@ def test_checked_in_template_is_the_generated_one():
         "regenerate it: fastinfer config --print --template > scripts/config.toml"
     )
     assert result.stdout == config_toml(Config(), template=True)
+
+
+@pytest.mark.parametrize("key", ["batch_max_size", "gpu_batch_max_size", "batch_max_runs"])
+def test_batch_limits_are_at_least_one(key):
+    with pytest.raises(ConfigError, match=f"{key}.* must be at least 1"):
+        Config(**{key: 0}).validate()
