@@ -63,7 +63,7 @@ class WritingRuntime(AlignedOnlyRuntime):
 
 @pytest.mark.parametrize("runtime_type", [AlignedOnlyRuntime, WritingRuntime])
 @pytest.mark.parametrize(("batch_sizes", "rows", "sizes"), [((1,), 5, [1] * 5), ((1, 2), 5, [2, 2, 1])])
-def test_a_batch_runs_in_pieces_of_the_compiled_sizes(runtime_type, batch_sizes, rows, sizes):
+def test_a_large_batch_runs_as_several_runs_of_the_compiled_sizes(runtime_type, batch_sizes, rows, sizes):
     runtime = runtime_type(batch_sizes)
     model = LoadedModel(signature(batch_sizes), runtime)  # type: ignore[arg-type]
     layout = BatchLayout.for_slot(model.signature, 8, 4096)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 from pathlib import Path
@@ -17,8 +16,8 @@ from test_archive import LIGHT, expected_output, light_input
 
 from fastinfer.archive.pack import BuildOptions, build_archive
 from fastinfer.archive.store import store_models
-from fastinfer.config import Config
 from fastinfer.client import AsyncClient
+from fastinfer.config import Config
 from fastinfer.server.main import Server
 
 
@@ -130,22 +129,25 @@ async def test_inputs_are_served_under_their_onnx_names(tmp_path):
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_requests_that_pile_up_share_a_batch_run_one_sample_at_a_time(tmp_path):
-    """Compiled for batch 1 only: a burst of requests fills batches of several rows, run one row at a
-    time (12-byte rows: all but the first start off TVM's alignment), each with its own outputs."""
+async def test_rows_beyond_the_compiled_batch_size_share_batches_run_one_row_at_a_time(tmp_path):
+    """Compiled for batch 1 only: a request of 12 samples takes 12 rows, which share batches of up
+    to 4 (``batch_max_runs``), each run one row at a time (12-byte rows: all but the first of a
+    batch start off TVM's alignment); every sample gets its own outputs."""
     archive = tmp_path / "difference.fia"
     options = BuildOptions(name="d", batch_sizes=(1,), cache_dir=str(tmp_path / "c"))
     assert build_archive(difference(tmp_path / "d.onnx"), archive, options).batch_sizes == (1,)
     rng = np.random.default_rng(5)
-    pairs = [(rng.random((1, 3), dtype=np.float32), rng.random((1, 3), dtype=np.float32)) for _ in range(12)]
+    a, b = rng.random((12, 3), dtype=np.float32), rng.random((12, 3), dtype=np.float32)
     async with running_server(tmp_path, models=(f"d={archive}",), devices="cpu:1", shm_slot_bytes=1 << 16) as server:
         async with AsyncClient(f"tcp://127.0.0.1:{server.binary.port}", timeout_s=60) as client:
-            calls = [client.infer("d", {"in/a": a, "in.b": b}) for a, b in pairs]
-            results = await asyncio.gather(*calls)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{server.management_port}/metrics") as response:
-                metrics = await response.text()
-    for (a, b), outputs in zip(pairs, results, strict=True):
-        np.testing.assert_allclose(outputs["out/d"], a - b, rtol=1e-6)
-    batches = float(re.search(r'fastinfer_batch_size_count{model="d"} (\S+)', metrics).group(1))
-    assert batches < len(pairs), "the burst should have shared batches"
+            outputs = await client.infer("d", {"in/a": a, "in.b": b})
+        metrics_url = f"http://127.0.0.1:{server.management_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(metrics_url) as response:
+            metrics = await response.text()
+    np.testing.assert_allclose(outputs["out/d"], a - b, rtol=1e-6)
+    sizes = {
+        bound: float(count)
+        for bound, count in re.findall(r'fastinfer_batch_size_bucket{le="([^"]+)",model="d"} (\S+)', metrics)
+    }
+    # the first row goes alone to the idle worker; the next ones fill batches of 4 (the last: 3)
+    assert (sizes["1.0"], sizes["2.0"], sizes["4.0"], sizes["+Inf"]) == (1, 1, 4, 4)
