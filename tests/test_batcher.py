@@ -116,7 +116,7 @@ async def test_full_batches_go_to_a_busy_worker_up_to_the_pipeline_depth(pool):
 
 async def test_a_busy_worker_takes_a_batch_that_fills_the_largest_compiled_size(pool):
     worker, clock = FakeWorker(), Clock()
-    batcher = Batcher(pool, [worker], clock=clock, batch_max_size=4, batch_max_delay_s=0.0, queue_max_size=16)
+    batcher = make(pool, [worker], clock)
     batcher.add_model(ModelSignature("one", ECHO.inputs, ECHO.outputs, batch_sizes=(1,)))
     for _ in range(6):
         await fill(batcher.reserve("one", 10), 0.0)
@@ -131,8 +131,7 @@ async def test_a_batch_holds_at_most_batch_max_runs_runs(pool):
     batcher = make(pool, [worker], clock, batch_max_runs=2, pipeline_depth=1)
     batcher.add_model(ModelSignature("one", ECHO.inputs, ECHO.outputs, batch_sizes=(1,)))
     assert batcher.queues["echo"].max_batch == 4, "compiled for any size: one run, up to batch_max_size"
-    await fill(batcher.reserve("one", 10), 0.0)
-    for _ in range(3):
+    for _ in range(4):
         await fill(batcher.reserve("one", 10), 0.0)
     worker.answer(0)
     await asyncio.sleep(0)
@@ -141,7 +140,7 @@ async def test_a_batch_holds_at_most_batch_max_runs_runs(pool):
 
 async def test_requests_that_arrive_together_are_shared_among_free_workers(pool):
     workers, clock = [FakeWorker(), FakeWorker()], Clock()
-    batcher = Batcher(pool, workers, clock=clock, batch_max_size=4, batch_max_delay_s=0.0, queue_max_size=16)
+    batcher = make(pool, workers, clock)
     batcher.add_model(ModelSignature("one", ECHO.inputs, ECHO.outputs, batch_sizes=(1,)))
     for _ in range(6):  # room for four batches: two workers, two in flight each
         put(batcher.reserve("one", 10), 0.0)
