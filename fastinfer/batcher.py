@@ -208,6 +208,10 @@ class Batch:
         return len(self.rows) >= self.queue.max_batch
 
     @property
+    def fills_a_run(self) -> bool:
+        return len(self.rows) >= self.queue.run_rows
+
+    @property
     def complete(self) -> bool:
         return self.filling == 0
 
@@ -345,7 +349,7 @@ class Batcher:
         if queue.waiting_rows >= self.queue_max_size:
             raise Overloaded(f"{queue.waiting_rows} requests are already waiting for {model}; retry later")
         batch = queue.open_batch
-        if batch is not None and len(batch.rows) >= queue.run_rows and self._room_for_another_batch():
+        if batch is not None and batch.fills_a_run and self._room_for_another_batch():
             batch.state = SEALED
             batch = None
         now = self.now()
@@ -422,9 +426,8 @@ class Batcher:
             batch = queue.batches[0]
             if not batch.complete:
                 continue
-            waited = now >= self._due_s(batch)
-            fills_a_run = len(batch.rows) >= queue.run_rows
-            if (fills_a_run or (worker.in_flight == 0 and waited)) and (best is None or batch.opened_s < best.opened_s):
+            takes = batch.fills_a_run or (worker.in_flight == 0 and now >= self._due_s(batch))
+            if takes and (best is None or batch.opened_s < best.opened_s):
                 best = batch
         if best is not None:
             best.queue.batches.pop(0)

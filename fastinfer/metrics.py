@@ -82,8 +82,6 @@ class Metrics:
         self.queue_depth = Gauge("fastinfer_queue_depth", "Requests waiting for a worker", ["model"], registry=r)
         self.worker_restarts = Counter("fastinfer_worker_restarts", "Workers started again", ["worker"], registry=r)
         self.workers_ready = Gauge("fastinfer_workers_ready", "Workers warm and serving", registry=r)
-        self._latency_tallies: dict[tuple[str, str], Tally] = {}
-        self._batch_tallies: dict[str, tuple[Tally, Tally, Tally]] = {}
         r.register(self)  # collect() below
 
     def request_started(self, protocol: str) -> None:
@@ -95,22 +93,12 @@ class Metrics:
     def request_done(self, model: str, protocol: str, code: str, latency_s: float) -> None:
         key = (model, protocol, code)
         self.requests[key] = self.requests.get(key, 0) + 1
-        tally = self._latency_tallies.get(key[:2])
-        if tally is None:
-            tally = self._latency_tallies[key[:2]] = self.request_latency.tally(model, protocol)
-        tally.observe(latency_s)
+        self.request_latency.tally(model, protocol).observe(latency_s)
 
     def batch_done(self, model: str, size: int, queue_s: float, compute_s: float) -> None:
-        tallies = self._batch_tallies.get(model)
-        if tallies is None:
-            tallies = self._batch_tallies[model] = (
-                self.batch_size.tally(model),
-                self.queue_latency.tally(model),
-                self.compute_latency.tally(model),
-            )
-        tallies[0].observe(size)
-        tallies[1].observe(queue_s)
-        tallies[2].observe(compute_s)
+        self.batch_size.tally(model).observe(size)
+        self.queue_latency.tally(model).observe(queue_s)
+        self.compute_latency.tally(model).observe(compute_s)
 
     def collect(self) -> Iterator[Metric]:
         """The lock-free metrics, as Prometheus families (the registry calls this when scraped)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,11 +48,8 @@ class TvmRuntime:
         self._main = vm["main"]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        import tvm
-
         assert self._main is not None, "load() first"
-        result = self._main(*(tvm.runtime.from_dlpack(x) for x in inputs))
-        return [np.from_dlpack(r) for r in _results(result)]  # views of TVM's outputs: .numpy() copies
+        return _call(self._main, inputs)
 
 
 class EchoRuntime:
@@ -131,16 +128,21 @@ class TvmArchiveRuntime:
         return self._gpu is not None
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        import tvm
-
         if self._gpu is not None:
             return [r.numpy() for r in self._gpu.run_on_device(inputs)]
         rows = inputs[0].shape[0]
         main = self._mains.get(rows) or self._mains.get(None)
         if main is None:
             raise ValueError(f"no library for batch size {rows}; compiled: {sorted(self._mains, key=str)}")
-        result = main(*(tvm.runtime.from_dlpack(x) for x in inputs))  # type: ignore[operator]
-        return [np.from_dlpack(r) for r in _results(result)]  # views of TVM's outputs: .numpy() copies
+        return _call(main, inputs)
+
+
+def _call(main: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Run a VM function on CPU arrays (wrapped, not copied); its outputs as views of TVM's."""
+    import tvm
+
+    result = main(*(tvm.runtime.from_dlpack(x) for x in inputs))
+    return [np.from_dlpack(r) for r in _results(result)]  # .numpy() would copy
 
 
 def _results(result: object) -> list:
