@@ -1,9 +1,12 @@
 """Slots of shared memory that carry request and reply bytes between the front and a worker.
 
-The front creates one segment per worker and hands out slots (fixed-size, 64-byte aligned
-regions) to requests; the worker maps the same segment by name. Only slot numbers and byte counts
-cross the control channel. The front owns the segment: it unlinks it on close, and Python's
-resource tracker unlinks it should the front die without closing.
+The front creates one pool and hands out slots (fixed-size, 64-byte aligned regions) to requests;
+the workers map the same memory. Only slot numbers and byte counts cross the control channel.
+
+The pool has no name: it is an anonymous memory file (``memfd_create``), whose descriptor the
+workers inherit when they are spawned. So no other process can open it (there is nothing in
+/dev/shm to open), and nothing is left behind by any death, ``kill -9`` of every process
+included: the memory goes when the last descriptor and mapping of it go.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import contextlib
 import gc
 import mmap
 import os
-from multiprocessing import shared_memory
 
 ALIGNMENT = 64
+MEMFD_NAME = "fastinfer-slots"  # shown in /proc/PID/fd and maps only; nothing can open it by name
 
 
 def round_up(size: int, alignment: int = ALIGNMENT) -> int:
@@ -26,24 +29,35 @@ class SlotsExhausted(Exception):
 
 
 class SlotPool:
-    """A shared-memory segment cut into ``slot_count`` slots of ``slot_bytes`` (front side)."""
+    """Anonymous shared memory cut into ``slot_count`` slots of ``slot_bytes`` (front side)."""
 
-    def __init__(self, slot_count: int, slot_bytes: int, name_prefix: str = "fastinfer"):
+    def __init__(self, slot_count: int, slot_bytes: int):
         self.slot_count = slot_count
         self.slot_bytes = round_up(slot_bytes)
-        self._name_prefix = name_prefix
-        self._shm: shared_memory.SharedMemory | None = None
+        self._fd = -1
+        self._mmap: mmap.mmap | None = None
+        self._buf: memoryview | None = None
         self._free: list[int] = []
 
     def create(self) -> None:
-        name = f"{self._name_prefix}-{os.getpid()}-{os.urandom(4).hex()}"
-        self._shm = shared_memory.SharedMemory(name=name, create=True, size=self.slot_count * self.slot_bytes)
+        size = self.slot_count * self.slot_bytes
+        # Close-on-exec: a worker gets the descriptor only when it is passed to it by name (pass_fds).
+        self._fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, size)
+            self._mmap = mmap.mmap(self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+        self._buf = memoryview(self._mmap)
         self._free = list(range(self.slot_count - 1, -1, -1))
 
     @property
-    def name(self) -> str:
-        assert self._shm is not None, "create() first"
-        return self._shm.name
+    def fd(self) -> int:
+        """The descriptor a worker maps the pool with (passed to it at spawn)."""
+        assert self._fd >= 0, "create() first"
+        return self._fd
 
     @property
     def free_count(self) -> int:
@@ -59,42 +73,38 @@ class SlotPool:
         self._free.append(slot)
 
     def view(self, slot: int) -> memoryview:
-        assert self._shm is not None, "create() first"
+        assert self._buf is not None, "create() first"
         start = slot * self.slot_bytes
-        return self._shm.buf[start : start + self.slot_bytes]  # type: ignore[index]
+        return self._buf[start : start + self.slot_bytes]
 
     def close(self) -> None:
-        """Unmap and unlink the segment. Views handed out must be released first."""
-        if self._shm is None:
+        """Unmap the pool and close its descriptor. Views handed out must be released first."""
+        if self._fd < 0:
             return
-        shm, self._shm = self._shm, None
-        try:
-            shm.close()
-        except BufferError:
-            gc.collect()  # views caught in reference cycles
-            with contextlib.suppress(BufferError):  # still alive: unmapped when the last view goes
-                shm.close()
-        shm.unlink()
+        _unmap(self._buf, self._mmap)
+        self._buf = self._mmap = None
+        os.close(self._fd)
+        self._fd = -1
 
 
 class SlotMap:
-    """The worker's mapping of a pool's segment, by name; never unlinks it."""
+    """A worker's mapping of a pool, from the descriptor it inherited."""
 
-    def __init__(self, name: str, slot_count: int, slot_bytes: int):
-        self.name = name
+    def __init__(self, fd: int, slot_count: int, slot_bytes: int):
+        self.fd = fd
         self.slot_count = slot_count
         self.slot_bytes = slot_bytes
         self._mmap: mmap.mmap | None = None
         self._buf: memoryview | None = None
 
     def open(self) -> None:
-        # Mapped by hand rather than through SharedMemory, whose resource tracker would unlink
-        # the segment when this process exits.
-        fd = os.open(f"/dev/shm/{self.name}", os.O_RDWR)
+        size = self.slot_count * self.slot_bytes
         try:
-            self._mmap = mmap.mmap(fd, self.slot_count * self.slot_bytes)
+            if os.fstat(self.fd).st_size < size:
+                raise ValueError(f"the slot memory is smaller than {self.slot_count} slots of {self.slot_bytes} bytes")
+            self._mmap = mmap.mmap(self.fd, size)
         finally:
-            os.close(fd)
+            os.close(self.fd)  # the mapping keeps the memory (and a descriptor of its own)
         self._buf = memoryview(self._mmap)
 
     def view(self, slot: int) -> memoryview:
@@ -102,3 +112,21 @@ class SlotMap:
             raise IndexError(f"no slot {slot}")
         start = slot * self.slot_bytes
         return self._buf[start : start + self.slot_bytes]
+
+    def close(self) -> None:
+        _unmap(self._buf, self._mmap)
+        self._buf = self._mmap = None
+
+
+def _unmap(buf: memoryview | None, mapping: mmap.mmap | None) -> None:
+    if buf is not None:
+        with contextlib.suppress(BufferError):  # exported to a live object: goes with it
+            buf.release()
+    if mapping is None:
+        return
+    try:
+        mapping.close()
+    except BufferError:
+        gc.collect()  # views caught in reference cycles
+        with contextlib.suppress(BufferError):  # still alive: unmapped when the last view goes
+            mapping.close()

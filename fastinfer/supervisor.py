@@ -138,7 +138,6 @@ class Supervisor:
             "cache_dir": self.config.cache_dir,
             "max_image_pixels": self.config.max_image_pixels,
             "log_level": self.config.log_level,
-            "shm_name": generation.pool.name,
             "slot_count": generation.pool.slot_count,
             "slot_bytes": generation.pool.slot_bytes,
             "batch_limit": self.config.batch_limits()[0],
@@ -150,7 +149,7 @@ class Supervisor:
         shares = split_cores(sorted(os.sched_getaffinity(0)), generation.worker_count)
         for number, cores in enumerate(shares):
             device = devices[number % len(devices)]  # scaled past the GPUs named: they are shared round-robin
-            handle = WorkerHandle(self._next_index, cores, {**init, "device": device})
+            handle = WorkerHandle(self._next_index, cores, {**init, "device": device}, generation.pool.fd)
             self._next_index += 1
             generation.workers.append(handle)
             generation.tasks.append(asyncio.create_task(self._keep_running(generation, handle)))

@@ -53,12 +53,21 @@ async def running_server(tmp_path: Path, **settings) -> AsyncIterator:
 
 
 def fastinfer_segments(pid: int | None = None) -> set[str]:
-    """Shared-memory segments of the server in process ``pid`` (default: this one, in-process servers).
+    """The slot memory process ``pid`` (default: this one, for in-process servers) holds open:
+    descriptors of fastinfer's anonymous memory file. Named segments would show in /dev/shm;
+    there must be none."""
+    from fastinfer.shm import MEMFD_NAME
 
-    Other test runs on the machine may create their own meanwhile; they are not ours to count.
-    """
-    prefix = f"fastinfer-{os.getpid() if pid is None else pid}-"
-    return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith("fastinfer-")], "a named segment"
+    fds = Path(f"/proc/{os.getpid() if pid is None else pid}/fd")
+    held: set[str] = set()
+    if not fds.exists():
+        return held  # the process is gone, and its memory with it
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(fds / fd).startswith(f"/memfd:{MEMFD_NAME}"):
+                held.add(fd)
+    return held
 
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"

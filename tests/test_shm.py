@@ -3,15 +3,25 @@ import os
 import numpy as np
 import pytest
 
-from fastinfer.shm import ALIGNMENT, SlotMap, SlotPool, SlotsExhausted
+from fastinfer.shm import ALIGNMENT, MEMFD_NAME, SlotMap, SlotPool, SlotsExhausted
 
 
-def test_pool_and_map_share_bytes_and_unlink_on_close():
+def memfd_links() -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return [link for link in links if MEMFD_NAME in link]
+
+
+def test_pool_and_map_share_bytes_and_leave_nothing_on_close():
     pool = SlotPool(slot_count=3, slot_bytes=1000)
     pool.create()
     try:
         assert pool.slot_bytes % ALIGNMENT == 0
-        mapped = SlotMap(pool.name, pool.slot_count, pool.slot_bytes)
+        mapped = SlotMap(os.dup(pool.fd), pool.slot_count, pool.slot_bytes)  # as a worker inherits it
         mapped.open()
         slot = pool.acquire()
         view = pool.view(slot)
@@ -20,9 +30,33 @@ def test_pool_and_map_share_bytes_and_unlink_on_close():
         assert np.frombuffer(mapped.view(slot), np.uint8).ctypes.data % ALIGNMENT == 0
         view.release()
         pool.release(slot)
+        mapped.close()
     finally:
         pool.close()
-    assert not os.path.exists(f"/dev/shm/{pool._shm and pool.name}")
+    assert not memfd_links()
+
+
+def test_the_pool_has_no_name_to_open():
+    """Nothing in /dev/shm: another process cannot map the slots (only a passed descriptor can)."""
+    before = set(os.listdir("/dev/shm"))
+    pool = SlotPool(slot_count=2, slot_bytes=64)
+    pool.create()
+    try:
+        assert set(os.listdir("/dev/shm")) == before
+        assert os.readlink(f"/proc/self/fd/{pool.fd}").startswith(f"/memfd:{MEMFD_NAME}")
+        assert not os.get_inheritable(pool.fd)  # a child gets it only when it is passed on purpose
+    finally:
+        pool.close()
+
+
+def test_a_map_refuses_memory_smaller_than_its_slots():
+    pool = SlotPool(slot_count=2, slot_bytes=64)
+    pool.create()
+    try:
+        with pytest.raises(ValueError, match="smaller"):
+            SlotMap(os.dup(pool.fd), slot_count=3, slot_bytes=64).open()
+    finally:
+        pool.close()
 
 
 def test_slots_run_out_and_come_back():
@@ -38,6 +72,5 @@ def test_slots_run_out_and_come_back():
         with pytest.raises(AssertionError):
             pool.release(2)
     finally:
-        name = pool.name
         pool.close()
-    assert not os.path.exists(f"/dev/shm/{name}")
+    assert not memfd_links()

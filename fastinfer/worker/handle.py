@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 class WorkerHandle:
     """One worker process, from the front's side."""
 
-    def __init__(self, index: int, cores: list[int], init: dict[str, Any]):
+    def __init__(self, index: int, cores: list[int], init: dict[str, Any], slot_fd: int):
         self.index = index
         self.cores = cores
         self._init = init
+        self._slot_fd = slot_fd  # the slot pool's memory, inherited by the process
         self.state = "stopped"  # -> starting -> ready -> dead (-> starting ...), or failed
         self.signatures: dict[str, ModelSignature] = {}
         self.pid: int | None = None
@@ -55,8 +56,9 @@ class WorkerHandle:
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair()
         try:
+            fds = (child.fileno(), self._slot_fd)
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "fastinfer.worker", str(child.fileno()), pass_fds=(child.fileno(),)
+                sys.executable, "-m", "fastinfer.worker", *map(str, fds), pass_fds=fds
             )
         finally:
             child.close()

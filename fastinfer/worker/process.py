@@ -1,7 +1,8 @@
 """The worker process: owns its cores, loads the models, runs batches from shared memory.
 
-Started by the front as ``python -m fastinfer.worker FD`` (a fresh interpreter, never a fork of
-a process that loaded TVM), with one end of a socketpair as FD. It pins itself to its cores and
+Started by the front as ``python -m fastinfer.worker CHANNEL_FD SLOT_FD`` (a fresh interpreter,
+never a fork of a process that loaded TVM), with one end of a socketpair as CHANNEL_FD and the
+slot pool's anonymous memory as SLOT_FD. It pins itself to its cores and
 sets TVM's thread count before TVM is imported, answers ``ready`` once every model is warm, beats
 a heartbeat from a side thread, and exits when the front closes the channel or dies.
 """
@@ -14,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 
@@ -64,7 +66,7 @@ def _beat(channel: BlockingChannel, interval_s: float, stop: threading.Event) ->
             return
 
 
-def serve(channel: BlockingChannel) -> int:
+def serve(channel: BlockingChannel, slot_fd: int) -> int:
     init = channel.recv()
     if init is None:
         return 0
@@ -73,7 +75,7 @@ def serve(channel: BlockingChannel) -> int:
 
     from fastinfer.worker.model import load_model  # TVM is imported after pinning, inside
 
-    slots = SlotMap(init["shm_name"], init["slot_count"], init["slot_bytes"])
+    slots = SlotMap(slot_fd, init["slot_count"], init["slot_bytes"])
     slots.open()
     try:
         models = {
@@ -129,4 +131,19 @@ def main() -> None:
     _die_with_parent()
     keep_freed_blocks()  # decoded images are large blocks too
     sock = socket.socket(fileno=int(sys.argv[1]))
-    sys.exit(serve(BlockingChannel(sock)))
+    reason = _not_from_parent(sock)
+    if reason:
+        log.error("%s; exiting", reason)
+        sys.exit(2)
+    sys.exit(serve(BlockingChannel(sock), int(sys.argv[2])))
+
+
+def _not_from_parent(sock: socket.socket) -> str | None:
+    """Why the channel does not lead to the front that spawned this worker (None when it does).
+
+    The front made the socketpair, so its peer is the front's process, of our own user; anything
+    else means the descriptors were not the ones the front passed."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if pid != os.getppid() or uid != os.getuid():
+        return f"the control channel's peer is pid {pid} uid {uid}, not the front (pid {os.getppid()})"
+    return None

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import fastinfer_segments
+
 from fastinfer.client import Client
 from fastinfer.logs import JournalFormatter, log_formatter, syslog_priority
 
@@ -156,10 +158,6 @@ def clean_environ(**extra: str) -> dict[str, str]:
     return {**environ, **extra}
 
 
-def segments_of(pid: int) -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith(f"fastinfer-{pid}-")}
-
-
 def post(port: int, model: str, body: bytes, timeout_s: float = 10) -> dict:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/predictions/{model}", data=body)
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -199,7 +197,7 @@ def test_ready_once_warm_then_watchdog_then_stopping(tmp_path, manager):
         manager.wait_for(lambda m: "WATCHDOG" in m, timeout_s=5)
         assert post(http_port, "echo", bytes(64))["outputs"][0]["data"] == [0.0] * 16
         pid = served.process.pid
-        assert segments_of(pid)
+        assert fastinfer_segments(pid)
     finally:
         code = served.stop()
     manager.drain()
@@ -212,7 +210,7 @@ def test_ready_once_warm_then_watchdog_then_stopping(tmp_path, manager):
     assert stopping == len(kinds) - 1, kinds  # nothing after STOPPING: the watchdog stopped first
     assert kinds.count("READY") == 1
     assert any(m.get("STATUS", "").startswith("starting 2 workers") for _, m in manager.messages)
-    assert segments_of(pid) == set()
+    assert fastinfer_segments(pid) == set()
 
 
 def test_no_watchdog_pings_without_watchdog_usec(tmp_path, manager):
@@ -276,7 +274,7 @@ def test_passed_sockets_are_served(tmp_path, manager):
     finally:
         code = served.stop()
     assert code == 0
-    assert segments_of(served.process.pid) == set()
+    assert fastinfer_segments(served.process.pid) == set()
 
 
 # --- reload ----------------------------------------------------------------------------------
@@ -359,7 +357,7 @@ def test_sighup_reloads_under_load_without_failing_a_request(tmp_path, manager):
     finally:
         code = served.stop()
     assert code == 0
-    assert segments_of(pid) == set()
+    assert fastinfer_segments(pid) == set()
 
 
 # --- logs ------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def no_stray_segments():
 
 
 def test_a_failure_while_answering_a_batch_leaves_the_worker_channel_open(caplog):
-    handle = WorkerHandle(0, [0], {})
+    handle = WorkerHandle(0, [0], {}, slot_fd=-1)
     told = []
 
     def broken(reply, error):
