@@ -21,10 +21,10 @@ from fastinfer.client.binary import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT_S,
     Address,
-    InferenceServerError,
     RequestIds,
     classes_of,
     hello_frame,
+    hello_of,
     outputs_of,
     request_frame,
     server_error,
@@ -158,10 +158,12 @@ class AsyncClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        token: str | None = None,
     ):
         self.address = Address.parse(address)
         self.timeout_s = timeout_s
         self.max_payload_bytes = max_payload_bytes
+        self._token = token  # sent in the HELLO that opens each connection
         self._connection: _Connection | None = None
         self._connecting: asyncio.Lock | None = None
         self._ids = RequestIds()
@@ -211,9 +213,7 @@ class AsyncClient:
     async def hello(self, *, timeout_s: float | None = None) -> Hello:
         """The server's HELLO: the versions it speaks, its name, its limits."""
         head, _ = await self._call(hello_frame, self._timeout(timeout_s))
-        if not isinstance(head.message, Hello):
-            raise InferenceServerError("protocol_error", f"HELLO was answered by {head.frame_type.name}", 400)
-        return head.message
+        return hello_of(head)
 
     async def close(self, *, timeout_s: float = 5.0) -> None:
         """Close the connection; calls still in flight fail with ConnectionError."""
@@ -233,6 +233,9 @@ class AsyncClient:
     async def _call(self, frame: Any, timeout_s: float) -> Reply:
         deadline = time.monotonic() + timeout_s
         connection = await self._connect(deadline)
+        return await self._call_on(connection, frame, deadline)
+
+    async def _call_on(self, connection: _Connection, frame: Any, deadline: float) -> Reply:
         request_id = self._ids.next(connection.waiting)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         connection.waiting[request_id] = future
@@ -251,7 +254,15 @@ class AsyncClient:
             self._connecting = asyncio.Lock()
         async with self._connecting, asyncio.timeout(max(0.0, deadline - time.monotonic())):
             if self._connection is None or self._connection.closed:
-                self._connection = await self._open()
+                connection = await self._open()
+                if self._token is not None:
+                    try:
+                        head, _ = await self._call_on(connection, lambda rid: hello_frame(rid, self._token), deadline)
+                        hello_of(head)
+                    except BaseException:
+                        await connection.close(1.0)
+                        raise
+                self._connection = connection
         return self._connection
 
     async def _open(self) -> _Connection:

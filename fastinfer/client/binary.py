@@ -17,6 +17,7 @@ from fastinfer.protocol import (
     ErrorReply,
     FrameHead,
     FrameType,
+    Hello,
     ProtocolError,
     Response,
     encode_frame,
@@ -102,8 +103,21 @@ def request_frame(
     return encode_frame(FrameType.REQUEST, request_id, envelope, parts)
 
 
-def hello_frame(request_id: int) -> list[bytes | memoryview]:
-    return encode_frame(FrameType.HELLO, request_id, {"versions": [VERSION], "agent": AGENT})
+def hello_frame(request_id: int, token: str | None = None) -> list[bytes | memoryview]:
+    """A HELLO; with ``token``, the one that opens a connection to a server that requires it."""
+    envelope: dict[str, Any] = {"versions": [VERSION], "agent": AGENT}
+    if token is not None:
+        envelope["token"] = token
+    return encode_frame(FrameType.HELLO, request_id, envelope)
+
+
+def hello_of(head: FrameHead) -> Hello:
+    """The server's HELLO; InferenceServerError for an ERROR frame (a refused token)."""
+    if head.frame_type is FrameType.ERROR:
+        raise server_error(head)
+    if not isinstance(head.message, Hello):
+        raise InferenceServerError("protocol_error", f"HELLO was answered by {head.frame_type.name}", 400)
+    return head.message
 
 
 def server_error(head: FrameHead) -> InferenceServerError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -15,10 +16,10 @@ from fastinfer.client.binary import (
     DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT_S,
     Address,
-    InferenceServerError,
     RequestIds,
     classes_of,
     hello_frame,
+    hello_of,
     outputs_of,
     request_frame,
     server_error,
@@ -54,10 +55,12 @@ class Client:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        token: str | None = None,
     ):
         self.address = Address.parse(address)
         self.timeout_s = timeout_s
         self.max_payload_bytes = max_payload_bytes
+        self._token = token  # sent in the HELLO that opens each connection
         self._sock: socket.socket | None = None
         self._decoder: FrameDecoder | None = None
         self._ids = RequestIds()
@@ -104,9 +107,7 @@ class Client:
     def hello(self, *, timeout_s: float | None = None) -> Hello:
         """The server's HELLO: the versions it speaks, its name, its limits."""
         head, _ = self._call(hello_frame, self._timeout(timeout_s))
-        if not isinstance(head.message, Hello):
-            raise InferenceServerError("protocol_error", f"HELLO was answered by {head.frame_type.name}", 400)
-        return head.message
+        return hello_of(head)
 
     def close(self) -> None:
         """Close the connection (the next call would open a new one)."""
@@ -173,6 +174,8 @@ class Client:
                 return reply
 
     def _connect(self, deadline: float) -> tuple[socket.socket, FrameDecoder]:
+        if self._sock is not None and _closed_by_peer(self._sock):
+            self._disconnect()  # the server closed it while idle: open a new one
         if self._sock is None or self._decoder is None:
             sock = socket.socket(self.address.family, socket.SOCK_STREAM)
             try:
@@ -185,13 +188,39 @@ class Client:
             except BaseException:
                 sock.close()
                 raise
-            self._sock, self._decoder = sock, FrameDecoder(max_payload_bytes=self.max_payload_bytes)
+            decoder = FrameDecoder(max_payload_bytes=self.max_payload_bytes)
+            if self._token is not None:
+                self._authenticate(sock, decoder, deadline)
+            self._sock, self._decoder = sock, decoder
         return self._sock, self._decoder
+
+    def _authenticate(self, sock: socket.socket, decoder: FrameDecoder, deadline: float) -> None:
+        request_id = self._ids.next(set())
+        try:
+            _send_all(sock, hello_frame(request_id, self._token), deadline)
+            head, _ = self._receive(sock, decoder, request_id, deadline)
+            hello_of(head)
+        except BaseException:
+            sock.close()
+            raise
 
     def _disconnect(self) -> None:
         if self._sock is not None:
             self._sock.close()
         self._sock = self._decoder = None
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed this idle connection (it is readable, and at its end)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _remaining(deadline: float) -> float:

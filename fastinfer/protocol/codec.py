@@ -349,6 +349,8 @@ class FrameDecoder:
         assert self._header is not None
         frame_type, flags, request_id, _, payload_length = self._header
         try:
+            if request_id == 0 and frame_type in _ANSWERED_FRAMES:
+                raise FrameError("request id 0 is reserved for the connection; number requests from 1")
             key = (frame_type, flags, payload_length, bytes(raw))
             decoded = self._decoded.get(key)
             if decoded is None:
@@ -381,6 +383,7 @@ def aligned_buffer(nbytes: int) -> memoryview:
 
 DECODED_ENVELOPES_KEPT = 64
 _FRAME_TYPES = {int(t): t for t in FrameType}
+_ANSWERED_FRAMES = frozenset({FrameType.REQUEST, FrameType.HELLO, FrameType.PING})  # their replies echo the id
 
 
 def _decode_envelope(

@@ -10,7 +10,7 @@ import enum
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,7 +69,9 @@ ERROR_STATUS: dict[str, int] = {
     "bad_image": 400,
     "image_too_large": 400,
     "protocol_error": 400,
+    "unauthorized": 401,
     "model_not_found": 404,
+    "request_timeout": 408,
     "payload_too_large": 413,
     "internal_error": 500,
     "model_load_error": 500,
@@ -77,6 +79,7 @@ ERROR_STATUS: dict[str, int] = {
     "worker_died": 502,
     "model_not_ready": 503,
     "overloaded": 503,
+    "too_many_connections": 503,
     "timeout": 504,
     "deadline_exceeded": 504,
     "unsupported_version": 505,
@@ -185,6 +188,7 @@ class Hello:
     agent: str | None = None
     max_envelope_bytes: int | None = None
     max_payload_bytes: int | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never shown
 
 
 Message = Request | Response | ErrorReply | Hello | None
@@ -230,6 +234,7 @@ def parse_envelope(frame_type: int, envelope: Any, payload_length: int) -> Messa
             agent=_optional(envelope, "agent", str),
             max_envelope_bytes=_optional(envelope, "max_envelope_bytes", int),
             max_payload_bytes=_optional(envelope, "max_payload_bytes", int),
+            token=_optional(envelope, "token", str),
         )
     return None  # PING, PONG: the envelope is empty or ignored.
 

@@ -17,11 +17,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestHandler
 
 from fastinfer.errors import Unauthorized
 
@@ -39,36 +41,92 @@ REFUSAL = (
 
 def bearer_auth(token: str, exempt_paths: Collection[str] = ()) -> Middleware:
     """A middleware that requires ``Authorization: Bearer <token>`` on every path but ``exempt_paths``."""
-    expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in exempt_paths:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise Unauthorized("this port needs an Authorization: Bearer token, and that one is not it")
+        if request.path not in exempt_paths and not token_matches(bearer_token(request.headers), token):
+            raise Unauthorized("this port needs an Authorization: Bearer token, and that one is not it")
         return await handler(request)
 
     return check_token
 
 
-def limit_connections(server: web.Server, max_connections: int) -> None:
-    """Answer 503 and close each connection past ``max_connections`` open ones on ``server``.
+def bearer_token(headers: Mapping[str, str]) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header ("" if none); the scheme's case
+    does not matter (RFC 9110)."""
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
-    Counted in ``connection_made``, where aiohttp registers each connection, so a burst of
-    accepts cannot slip past the limit.
+
+def token_matches(given: str, expected: str) -> bool:
+    """Compared in constant time, so the answer's timing tells nothing of the token."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
+
+def guard_server(server: web.Server, max_connections: int) -> None:
+    """Put an HTTP port's guards on ``server``: at most ``max_connections`` open connections (each
+    one past them gets a 503 and is closed), and requests that are not HTTP answered as JSON.
+
+    The cap is counted in ``connection_made``, where aiohttp registers each connection, so a burst
+    of accepts cannot slip past it.
     """
-    register = server.connection_made
+    server.__class__ = _GuardedServer  # aiohttp builds one RequestHandler per connection, by class
+    server.max_connections = max_connections  # type: ignore[attr-defined]
 
-    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-        register(handler, transport)
-        if len(server.connections) > max_connections:
+
+class _GuardedServer(web.Server):
+    max_connections: int
+
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self.connections) > self.max_connections:
             transport.write(REFUSAL)
             # After aiohttp has started the connection's task, which expects it open; the
             # transport closes once REFUSAL is flushed.
             asyncio.get_running_loop().call_soon(handler.force_close)
 
-    server.connection_made = connection_made  # type: ignore[method-assign]
+
+# What each of aiohttp's parse errors means, in words that quote nothing the client sent.
+_PARSE_ERRORS = {
+    "BadHttpMethod": "the method is not valid",
+    "BadStatusLine": "the request line is not valid",
+    "InvalidURLError": "the URL is not valid",
+    "InvalidHeader": "a header is not valid",
+    "LineTooLong": "the request line or a header is too long",
+    "ContentLengthError": "the body does not match its Content-Length",
+    "TransferEncodingError": "the chunked body is malformed",
+    "ContentEncodingError": "the body's Content-Encoding cannot be decoded",
+    "DecompressSizeError": "the decompressed body is too large",
+}
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, with its own error answers in the API's form.
+
+    aiohttp answers a request it cannot parse with a plain-text 400 that quotes the bad bytes, and
+    logs a traceback that holds them (an ``Authorization`` header, a query string): here that is a
+    JSON 400 and one log line that names the kind of error only. Unhandled errors (our bugs) are
+    still logged with their traceback by aiohttp, and answered with a JSON 500.
+    """
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was sent already; the connection is broken")
+        if isinstance(exc, HttpProcessingError) or status < 500:
+            what = _PARSE_ERRORS.get(type(exc).__name__, "it is not valid HTTP")
+            access_log.info("bad HTTP request from %s: %s", request.remote, what)
+            body = {"code": "bad_request", "message": f"the request cannot be read: {what}"}
+            status = 400 if status >= 500 else status
+        else:
+            body = {"code": "internal_error", "message": "the server failed to handle the request"}
+        response = web.json_response(body, status=status)
+        response.force_close()
+        return response
 
 
 class AccessLog:

@@ -7,6 +7,13 @@ inputs) are received into an aligned buffer and copied into their rows once.
 
 Replies are written from views of the batch slot; a row is released only once the transport has
 handed those bytes to the kernel (a write-buffer high-water mark of 0 tells us when).
+
+Limits, as on the HTTP port: a frame must arrive whole within ``body_timeout_s`` of its first byte
+(else its request fails with ``request_timeout`` and the connection closes, since the stream cannot
+be framed past the missing bytes); a connection with nothing in flight and nothing arriving for
+``header_timeout_s`` is closed; past ``max_connections`` open connections a new one gets an ERROR
+``too_many_connections`` and is closed. With an inference token set, a connection must open with a
+HELLO carrying it; anything else gets an ERROR ``unauthorized`` and the connection closes.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 
 from fastinfer.batcher import Row
 from fastinfer.config import Config
-from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
+from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge, RequestTimeout, Unauthorized
 from fastinfer.protocol import (
     HEADER,
     MAGIC,
@@ -34,6 +41,7 @@ from fastinfer.protocol import (
     FrameHead,
     FrameRejected,
     FrameType,
+    Hello,
     PayloadComplete,
     Request,
     StreamError,
@@ -42,6 +50,7 @@ from fastinfer.protocol import (
     error_envelope,
     pack_tensors,
 )
+from fastinfer.server.access import token_matches
 from fastinfer.signature import ModelSignature
 from fastinfer.supervisor import Supervisor
 
@@ -50,6 +59,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = SUPPORTED_VERSIONS[-1]
 
 REMEMBERED_ENVELOPES = 64  # per connection (SeenEnvelope)
+REFUSAL_LOG_EVERY_S = 10.0  # connections refused past the limit are logged at most this often
 PAUSE_AFTER_REQUESTS = 256  # per connection: stop reading past this many requests in flight
 JOIN_BELOW_BYTES = 64 << 10  # replies this small are copied into one write: a syscall costs more
 
@@ -148,6 +158,10 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         self._after_drain: list[Row] = []  # rows whose outputs the transport still holds views of
         self._paused = False
         self._seen: dict[int, SeenEnvelope] = {}  # by id() of the decoder's Request
+        self.authenticated = not config.inference_token
+        self.loop = asyncio.get_running_loop()
+        self.last_read_s = self.loop.time()
+        self.frame_started_s: float | None = None  # when the partial frame now arriving began
 
     # asyncio callbacks
 
@@ -184,12 +198,42 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         return self.decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_read_s = now = self.loop.time()
         try:
             events = deque(self.decoder.buffer_updated(nbytes))
             while events:
                 self._handle(events.popleft(), events)  # placing a payload may read on, into the next frame
         except StreamError as error:
             self._stream_broken(error)
+            return
+        if self.frame_started_s is None and not self.decoder.at_frame_boundary:
+            self.frame_started_s = now
+
+    # limits (checked by BinaryServer's sweep)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and no partial frame: the connection only holds its socket."""
+        return not self.answering and not self._receiving and self.decoder.at_frame_boundary
+
+    def check_limits(self, now: float) -> None:
+        """Close the connection if its partial frame is overdue, or if it has idled too long."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.frame_started_s is not None and now - self.frame_started_s > self.config.body_timeout_s:
+            error = RequestTimeout(f"the frame did not arrive whole within {self.config.body_timeout_s:g} s")
+            for request_id in self._receiving:
+                self._send_error(request_id, error)
+            self._close_with(error)
+        elif self.idle and now - self.last_read_s > self.config.header_timeout_s:
+            self.close()  # as HTTP closes an idle keep-alive connection: nothing is owed to anyone
+
+    def _close_with(self, error: FastInferError) -> None:
+        """Say why on request id 0 (the connection's), then close."""
+        self._send(FrameType.ERROR, 0, error_envelope(error.code, error.message, error.status))
+        self._flush()  # now: the connection closes before the loop would get to it
+        if self.transport is not None:
+            self.transport.close()
 
     def _stream_broken(self, error: StreamError) -> None:
         """The stream cannot be framed any more: answer what completed, say why on id 0, close."""
@@ -200,7 +244,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             pass
         extra = {"versions": list(SUPPORTED_VERSIONS)} if error.code == "unsupported_version" else {}
         self._send(FrameType.ERROR, 0, error_envelope(error.code, error.message, error.status, **extra))
-        self._flush()  # now: the connection closes before the loop would get to it
+        self._flush()
         if self.transport is not None:
             self.transport.close()
 
@@ -210,12 +254,50 @@ class BinaryProtocol(asyncio.BufferedProtocol):
     # frames
 
     def _handle(self, event: Any, events: deque) -> None:
+        if self.transport is None or self.transport.is_closing():
+            if event is self.decoder.undecided:
+                self.decoder.discard_payload()  # the connection is closing: nothing more is read into rows
+            return
+        if isinstance(event, PayloadComplete | FrameRejected):
+            self.frame_started_s = None  # a frame ended: the next one's time starts with its first byte
+        if not self.authenticated and not self._authenticates(event):
+            if event is self.decoder.undecided:
+                self.decoder.discard_payload()  # nothing is read, or allocated, for a stranger
+            return
         if isinstance(event, FrameHead) and event is self.decoder.undecided:
             events.extend(self._place_payload(event))
+        elif isinstance(event, FrameHead) and event.frame_type == FrameType.REQUEST and not event.payload_length:
+            self._refuse_empty(event)
         elif isinstance(event, FrameRejected):
-            self._send_error(event.request_id, event.error)
+            if event.request_id == 0:  # the connection's own id: the client cannot tell which call failed
+                self._close_with(event.error)
+            else:
+                self._send_error(event.request_id, event.error)
         elif isinstance(event, PayloadComplete):
             self._complete(event)
+
+    def _authenticates(self, event: Any) -> bool:
+        """Before its token, a connection may send a HELLO that carries it, and nothing else."""
+        if isinstance(event, PayloadComplete) and event.head.frame_type == FrameType.HELLO:
+            hello = event.head.message
+            given = hello.token if isinstance(hello, Hello) and hello.token is not None else ""
+            if token_matches(given, self.config.inference_token):
+                self.authenticated = True
+                return True
+        elif isinstance(event, FrameHead) and event.frame_type == FrameType.HELLO:
+            return False  # its PayloadComplete follows at once (a HELLO has no payload)
+        self._close_with(Unauthorized("this port needs a HELLO with the inference token first; that is not it"))
+        return False
+
+    def _refuse_empty(self, head: FrameHead) -> None:
+        """A REQUEST without payload bytes: it names no tensor or image data, so it cannot run."""
+        request = head.message
+        assert isinstance(request, Request)
+        try:
+            self._checked(self.supervisor.signature(request.model), request)  # the reason, where there is one
+            raise BadRequest("the image is empty" if request.image is not None else "the request carries no bytes")
+        except FastInferError as error:
+            self._send_error(head.request_id, error)
 
     def _complete(self, event: PayloadComplete) -> None:
         head = event.head
@@ -257,10 +339,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         return self.decoder.set_payload_buffer(aligned_buffer(head.payload_length))
 
     def _reserve(self, signature: ModelSignature, request: Request) -> list[Row]:
-        if signature.takes_images != (request.image is not None):
-            kind = "an encoded image" if signature.takes_images else "tensors"
-            raise BadRequest(f"model {signature.name} takes {kind}")
-        count = self._seen_envelope(signature, request).batch
+        count = self._checked(signature, request)
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms else self.config.request_timeout_s
         rows: list[Row] = []
         try:
@@ -271,6 +350,13 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                 row.release()
             raise
         return rows
+
+    def _checked(self, signature: ModelSignature, request: Request) -> int:
+        """The request's batch size, once it is checked against the model; BadRequest if it does not fit."""
+        if signature.takes_images != (request.image is not None):
+            kind = "an encoded image" if signature.takes_images else "tensors"
+            raise BadRequest(f"model {signature.name} takes {kind}")
+        return self._seen_envelope(signature, request).batch
 
     def _seen_envelope(self, signature: ModelSignature, request: Request) -> SeenEnvelope:
         seen = self._seen.get(id(request))
@@ -458,11 +544,28 @@ class BinaryServer:
         self.config = config
         self.connections: set[BinaryProtocol] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.refused = 0  # connections refused past max_connections
+        self._refusal_logged_s = -REFUSAL_LOG_EVERY_S
 
-    def _connect(self) -> BinaryProtocol:
+    def _connect(self) -> asyncio.BufferedProtocol:
+        if len(self.connections) >= self.config.max_connections:
+            return self._refuse()
         protocol = BinaryProtocol(self.supervisor, self.config, self.connections)
         self.connections.add(protocol)
         return protocol
+
+    def _refuse(self) -> asyncio.BufferedProtocol:
+        self.refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged_s >= REFUSAL_LOG_EVERY_S:
+            self._refusal_logged_s = now
+            log.warning(
+                "binary port: %d connections open, the limit (max_connections); refusing new ones (%d so far)",
+                len(self.connections),
+                self.refused,
+            )
+        return RefusedConnection()
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on ``sock`` (a listening socket, e.g. passed by systemd), else on the configured port."""
@@ -473,6 +576,16 @@ class BinaryServer:
             self._servers.append(await loop.create_server(self._connect, self.config.host, self.config.binary_port))
         if self.config.binary_socket:
             self._servers.append(await loop.create_unix_server(self._connect, self.config.binary_socket))
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Apply the time limits to every connection; one timer for all of them, a few times a timeout."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for connection in list(self.connections):
+            connection.check_limits(now)
+        shortest = min(self.config.header_timeout_s, self.config.body_timeout_s)
+        self._sweeper = loop.call_later(min(1.0, max(0.05, shortest / 4)), self._sweep)
 
     @property
     def port(self) -> int:
@@ -480,6 +593,8 @@ class BinaryServer:
 
     async def stop(self, timeout_s: float) -> None:
         """Stop accepting, give requests in flight ``timeout_s`` to be answered, then close."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in self._servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -490,3 +605,21 @@ class BinaryServer:
             connection.close()
         for server in self._servers:
             await server.wait_closed()
+
+
+class RefusedConnection(asyncio.BufferedProtocol):
+    """A connection past the limit: one ERROR on id 0, then closed; nothing it sends is read."""
+
+    _SCRATCH = bytearray(4096)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        error = error_envelope("too_many_connections", "the server has too many open connections; retry later", 503)
+        transport = cast(asyncio.Transport, transport)
+        transport.writelines(encode_frame(FrameType.ERROR, 0, error))
+        transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._SCRATCH)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pass

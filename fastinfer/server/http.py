@@ -7,8 +7,10 @@ in shared memory, and everything heavier (decoding, numpy math) happens in the w
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Middleware
@@ -16,7 +18,7 @@ from aiohttp.typedefs import Middleware
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, ModelNotFound, PayloadTooLarge, RequestTimeout
 from fastinfer.server import kserve
-from fastinfer.server.access import AccessLog, bearer_auth, limit_connections
+from fastinfer.server.access import AccessLog, bearer_auth, guard_server
 from fastinfer.server.jsonbody import json_response
 from fastinfer.supervisor import Supervisor
 
@@ -97,8 +99,11 @@ async def read_body_into(
 
 async def _read_body_into(request: web.Request, view: memoryview, too_long: Callable[[], FastInferError]) -> int:
     if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
+        try:
+            reader = await request.multipart()
+        except (ValueError, AssertionError) as error:  # no boundary, or an unusable one
+            raise BadRequest(f"the multipart body cannot be read: {error}") from None
+        while (part := await _next_part(reader)) is not None:
             if isinstance(part, BodyPartReader) and part.name in IMAGE_FIELDS:
                 return await _copy_stream(part.read_chunk, view, too_long)
             await part.release()
@@ -106,14 +111,25 @@ async def _read_body_into(request: web.Request, view: memoryview, too_long: Call
     if request.content_length is not None and request.content_length > len(view):
         raise too_long()
 
+    content = request.content
+
     async def read_chunk() -> bytes:
         # Each chunk as it came; readany() would join those buffered, a copy of the body.
         while True:
-            chunk, end_of_http_chunk = await request.content.readchunk()
-            if chunk or not end_of_http_chunk:
+            chunk, end_of_http_chunk = await content.readchunk()
+            # (b"", True) marks the end of an HTTP chunk, so read on; but a body-less request's
+            # reader answers it for ever without waiting, so its end must be asked for.
+            if chunk or not end_of_http_chunk or content.at_eof():
                 return chunk
 
     return await _copy_stream(read_chunk, view, too_long)
+
+
+async def _next_part(reader: Any) -> Any:
+    try:
+        return await reader.next()
+    except ValueError as error:  # a part without headers' end, a bad boundary line...
+        raise BadRequest(f"the multipart body is malformed: {error}") from None
 
 
 def timeout_from(request: web.Request, default_s: float) -> float:
@@ -125,8 +141,8 @@ def timeout_from(request: web.Request, default_s: float) -> float:
             timeout_s = float(header) / 1000
         except ValueError:
             raise BadRequest(f"{DEADLINE_HEADER} must be a number of milliseconds, not {header!r}") from None
-        if timeout_s <= 0:
-            raise BadRequest(f"{DEADLINE_HEADER} must be positive")
+        if not 0 < timeout_s < math.inf:  # nan and inf are floats too, and no deadline
+            raise BadRequest(f"{DEADLINE_HEADER} must be a positive, finite number of milliseconds")
     return timeout_s
 
 
@@ -233,5 +249,5 @@ async def start_runner(runner: web.AppRunner, host: str, port: int, max_connecti
     """Set the runner up, cap its connections and listen on ``host:port``."""
     await runner.setup()
     assert runner.server is not None
-    limit_connections(runner.server, max_connections)
+    guard_server(runner.server, max_connections)
     await web.TCPSite(runner, host, port).start()

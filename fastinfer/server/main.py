@@ -23,7 +23,7 @@ from fastinfer.config import Config
 from fastinfer.logs import configure_logging
 from fastinfer.malloc import keep_freed_blocks
 from fastinfer.server import systemd
-from fastinfer.server.access import AccessLog, limit_connections
+from fastinfer.server.access import AccessLog, guard_server
 from fastinfer.server.binary import BinaryServer
 from fastinfer.server.http import inference_app, runner_for, start_runner
 from fastinfer.server.management import management_app
@@ -75,7 +75,7 @@ class Server:
             return
         await runner.setup()
         assert runner.server is not None
-        limit_connections(runner.server, self.config.max_connections)
+        guard_server(runner.server, self.config.max_connections)
         for sock in passed:
             await web.SockSite(runner, sock).start()
 
