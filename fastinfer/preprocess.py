@@ -77,6 +77,8 @@ def load_rgb(data: bytes | memoryview, spec: ImagePreprocess):  # -> PIL.Image.I
         raise BadImage("the body is not an image in a format Pillow reads (JPEG, PNG, WebP, ...)") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImage(f"cannot decode the body as an image: {error}") from error
+    except Exception as error:  # a format plugin's own failure on crafted bytes (struct.error, IndexError...)
+        raise BadImage(f"cannot decode the body as an image ({type(error).__name__})") from error
 
 
 def _upright(image):  # PIL.Image.Image -> PIL.Image.Image

@@ -333,8 +333,9 @@ def test_service_unit_settings():
     assert "FASTINFER_CACHE_DIR=/var/cache/fastinfer" in service[("Service", "Environment")]
     assert service[("Service", "CacheDirectory")] == ["fastinfer"]
     assert float(service[("Service", "TimeoutStopSec")][0]) > 2 * Config().shutdown_timeout_s
-    for absent in ("MemoryDenyWriteExecute", "RemoveIPC", "DynamicUser"):
-        assert ("Service", absent) not in service, f"{absent}= breaks TVM's JIT or shared memory"
+    assert int(service[("Service", "LimitNOFILE")][0]) > 2 * Config().max_connections  # HTTP and binary ports
+    for absent in ("MemoryDenyWriteExecute", "DynamicUser"):
+        assert ("Service", absent) not in service, f"{absent}= breaks TVM's JIT or the cache's owner"
 
 
 def test_socket_units_match_the_config_defaults():
