@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from fastinfer.server.main import run
 
-    run(config, load)
+    try:
+        run(config, load)
+    except FastInferError as error:  # a start that cannot succeed: one line, and a status that says so
+        print(f"fastinfer: {error.message}", file=sys.stderr)
+        return 1
     return 0
 
 

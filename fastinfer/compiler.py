@@ -2,22 +2,20 @@
 
 A compiled model is a directory holding ``model.so`` (the Relax VM executable) and
 ``signature.json``; its name is a hash of the ONNX bytes, the target and the TVM version, so a
-second start finds it and a changed model or an upgrade never reuses a stale one.
+second start finds it and a changed model or an upgrade never reuses a stale one. It is built
+through :func:`fastinfer.cache.ensure_entry`: once, and a cache holding it may be read-only.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastinfer import cache
 from fastinfer.errors import ModelLoadError
 from fastinfer.signature import TensorSpec
 
@@ -95,12 +93,8 @@ def compile_onnx(onnx_path: str | Path, cache_dir: str | Path, num_cores: int) -
     key.update(onnx_bytes)
     key.update(json.dumps([target, tvm.__version__], sort_keys=True).encode())
     entry = Path(cache_dir) / "compiled" / key.hexdigest()[:32]
-    entry.parent.mkdir(parents=True, exist_ok=True)
-
-    with open(f"{entry}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several workers may start at once: one compiles
-        if not (entry / "signature.json").exists():
-            _build(onnx_bytes, Path(onnx_path).name, target, entry)
+    label = Path(onnx_path).name
+    cache.ensure_entry(entry, "signature.json", lambda staging: _build(onnx_bytes, label, target, staging))
     signature = json.loads((entry / "signature.json").read_text())
     return CompiledModel(
         library_path=entry / "model.so",
@@ -110,7 +104,7 @@ def compile_onnx(onnx_path: str | Path, cache_dir: str | Path, num_cores: int) -
     )
 
 
-def _build(onnx_bytes: bytes, label: str, target: dict, entry: Path) -> None:
+def _build(onnx_bytes: bytes, label: str, target: dict, staging: Path) -> None:
     import onnx
     import tvm
     from tvm import relax
@@ -132,18 +126,11 @@ def _build(onnx_bytes: bytes, label: str, target: dict, entry: Path) -> None:
     except Exception as error:
         raise ModelLoadError(f"TVM could not compile {label}: {error}") from error
 
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry.parent))
-    try:
-        executable.export_library(str(staging / "model.so"))
-        signature = {
-            "inputs": [t.to_dict() for t in inputs],
-            "outputs": [t.to_dict() for t in outputs],
-            "batch_sizes": [batch_size] if batch_size else None,
-        }
-        (staging / "signature.json").write_text(json.dumps(signature, indent=1))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.rename(staging, entry)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    executable.export_library(str(staging / "model.so"))
+    signature = {
+        "inputs": [t.to_dict() for t in inputs],
+        "outputs": [t.to_dict() for t in outputs],
+        "batch_sizes": [batch_size] if batch_size else None,
+    }
+    (staging / "signature.json").write_text(json.dumps(signature, indent=1))  # written last: complete
     log.info("compiled %s in %.1f s", label, time.monotonic() - started)

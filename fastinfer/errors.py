@@ -30,6 +30,12 @@ class FastInferError(Exception):
         return cls(data["message"], code=data["code"], status=data.get("status", 500))
 
 
+class StartupError(FastInferError):
+    """The server cannot start (a port is taken, a model cannot load): it exits, saying why."""
+
+    code = "startup_error"
+
+
 class BadRequest(FastInferError):
     """The request itself is wrong: the client must change it."""
 

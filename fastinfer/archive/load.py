@@ -4,22 +4,21 @@ Every check runs before anything is extracted: the zip is whole, no entry path e
 extraction folder, every file matches the sha256 in the manifest (and nothing unlisted is there),
 the archive was built with this TVM version, and this host can run its target. A failed check
 raises ArchiveError naming what differs. Extraction goes into ``<cache>/archives/<archive sha256>``
-through a staging folder renamed into place, so a second load, or a second worker, reuses it.
+through a staging folder renamed into place (:func:`fastinfer.cache.ensure_entry`), so a second
+load, or a second worker, reuses it without writing anything: a pre-built cache may be read-only.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from fastinfer import cache
 from fastinfer.archive import target as targets
-from fastinfer.archive.manifest import MANIFEST_NAME, ArchiveError, Manifest
+from fastinfer.archive.manifest import MANIFEST_NAME, ArchiveError, Manifest, safe_member
 
 
 @dataclass(frozen=True)
@@ -39,12 +38,6 @@ class LoadedArchive:
             return None
         text = (self.folder / self.manifest.labels_file).read_text("utf-8")
         return [line for line in text.splitlines() if line]
-
-
-def safe_member(name: str) -> bool:
-    """Whether a zip entry name stays inside the folder it is extracted to."""
-    path = PurePosixPath(name)
-    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name and ":" not in name
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -69,7 +62,10 @@ def _manifest(archive: zipfile.ZipFile, path: str | Path) -> Manifest:
         raise ArchiveError(f"{path} has no {MANIFEST_NAME}: it is not a fastinfer archive") from None
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         raise ArchiveError(f"{path} is damaged: cannot read {MANIFEST_NAME}: {error}") from error
-    return Manifest.from_json(text)
+    try:
+        return Manifest.from_json(text)  # refuses a manifest naming a path that is not its own, listed file
+    except ArchiveError as error:
+        raise ArchiveError(f"{path}: {error.message}") from None
 
 
 def check(archive: zipfile.ZipFile, manifest: Manifest, path: str | Path, kind: str | None = None) -> None:
@@ -85,9 +81,7 @@ def check(archive: zipfile.ZipFile, manifest: Manifest, path: str | Path, kind: 
     extra = sorted(set(names) - listed - {MANIFEST_NAME})
     if extra:
         raise ArchiveError(f"{path}: entries not listed in the manifest: {', '.join(extra)}")
-    for name, entry in sorted(manifest.files.items()):
-        if not safe_member(name):
-            raise ArchiveError(f"{path}: manifest lists {name!r}, a path outside the archive's folder; refused")
+    for name, entry in sorted(manifest.files.items()):  # their paths were checked with the manifest
         if name not in names:
             raise ArchiveError(f"{path}: {name} is listed in the manifest but missing from the archive")
         digest = hashlib.sha256()
@@ -130,27 +124,16 @@ def load(path: str | Path, cache_dir: str | Path, kind: str | None = None) -> Lo
         check(archive, manifest, path, kind)
         key = _file_sha256(path)[:32]
         folder = Path(cache_dir) / "archives" / key
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{folder}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # several workers may load at once: one extracts
-            if not (folder / MANIFEST_NAME).exists():
-                _extract(archive, manifest, folder)
+        cache.ensure_entry(folder, MANIFEST_NAME, lambda staging: _extract(archive, manifest, staging))
     return LoadedArchive(manifest, folder)
 
 
-def _extract(archive: zipfile.ZipFile, manifest: Manifest, folder: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
-    try:
-        for name in manifest.files:
-            destination = staging / name
-            if not destination.resolve().is_relative_to(staging.resolve()):  # belt and braces
-                raise ArchiveError(f"entry {name!r} would be extracted outside the archive's folder; refused")
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(name) as source, open(destination, "wb") as sink:
-                shutil.copyfileobj(source, sink, 1 << 20)
-        (staging / MANIFEST_NAME).write_text(manifest.to_json())
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _extract(archive: zipfile.ZipFile, manifest: Manifest, staging: Path) -> None:
+    for name in manifest.files:
+        destination = staging / name
+        if not destination.resolve().is_relative_to(staging.resolve()):  # belt and braces
+            raise ArchiveError(f"entry {name!r} would be extracted outside the archive's folder; refused")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(name) as source, open(destination, "wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+    (staging / MANIFEST_NAME).write_text(manifest.to_json())  # written last: the extraction is complete

@@ -1,14 +1,19 @@
 """The manifest of a model archive: what the model takes and gives, how it was built, every file's hash.
 
 ``manifest.json`` is the one file of an archive that is not listed in itself; every other entry is
-listed under ``files`` with its sha256 and size, and a loader refuses any entry that is not.
+listed under ``files`` with its sha256 and size, and a loader refuses any entry that is not. Every
+path the manifest names (libraries, labels, tuning records) must be one of those listed files: a
+manifest that names anything else (``/etc/passwd``, ``../x.so``) is refused as it is read, so no
+consumer of a manifest can be led outside the archive's own, hashed bytes.
 ``schema`` changes only when a reader of an older schema could misread a newer manifest.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 
 from fastinfer.errors import ModelLoadError
 from fastinfer.preprocess import ImagePreprocess
@@ -22,6 +27,12 @@ class ArchiveError(ModelLoadError):
     """A model archive cannot be built, read, or used on this host."""
 
     code = "archive_error"
+
+
+def safe_member(name: str) -> bool:
+    """Whether a zip entry name stays inside the folder it is extracted to."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name and ":" not in name
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,31 @@ class Manifest:
             f"rebuild it with `fastinfer archive --target {'cuda' if kind == 'cuda' else 'cpu'}`"
         )
 
+    def named_paths(self) -> Iterator[tuple[str, object]]:
+        """(what, path) for every file the manifest names outside ``files``, for every target."""
+        for size, path in self.libraries.items():
+            yield f"library {size!r}", path
+        for kind, extra in self.more_targets.items():
+            for size, path in dict(extra["libraries"]).items():
+                yield f"{kind} library {size!r}", path
+        if self.labels_file is not None:
+            yield "labels_file", self.labels_file
+        if self.tuning is not None:
+            yield "tuning workloads_file", self.tuning.workloads_file
+            yield "tuning records_file", self.tuning.records_file
+
+    def check_paths(self) -> None:
+        """ArchiveError unless every listed file stays inside the archive's folder and every path
+        the manifest names is one of them (so hashed; never an absolute path, never ``..``)."""
+        for name in self.files:
+            if not safe_member(name):
+                raise ArchiveError(f"the manifest lists {name!r}, a path outside the archive's folder; refused")
+        for what, path in self.named_paths():
+            if not isinstance(path, str) or path not in self.files:
+                raise ArchiveError(
+                    f"the manifest's {what} is {path!r}, not a file listed (and hashed) in the archive; refused"
+                )
+
     def image_preprocess(self, max_pixels: int) -> ImagePreprocess | None:
         if not self.preprocess:
             return None
@@ -113,7 +149,7 @@ class Manifest:
                 )
             tuning = data.get("tuning")
             sizes = data.get("batch_sizes")
-            return cls(
+            manifest = cls(
                 name=data["name"],
                 version=str(data["version"]),
                 inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
@@ -132,6 +168,8 @@ class Manifest:
                 schema=schema,
                 more_targets=dict(data.get("more_targets") or {}),
             )
+            manifest.check_paths()
+            return manifest
         except ArchiveError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as error:

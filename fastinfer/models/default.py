@@ -8,6 +8,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from fastinfer import cache
+from fastinfer.errors import ModelLoadError
 from fastinfer.preprocess import ImagePreprocess
 
 TOP_K = 5
@@ -43,10 +45,13 @@ def onnx_path(cache_dir: str | Path) -> Path:
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
     path = Path(cache_dir) / "onnx" / f"efficientnet_lite0-{digest}.onnx"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(f".{os.getpid()}.tmp")
-        onnx.save(build_onnx(load_legacy_state_dict(weights)), str(staging))
-        os.replace(staging, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_suffix(f".{os.getpid()}.tmp")
+            onnx.save(build_onnx(load_legacy_state_dict(weights)), str(staging))
+            os.replace(staging, path)
+        except OSError as error:
+            raise ModelLoadError(f"cannot write the default model into the cache {path.parent}: {error}") from error
     return path
 
 
@@ -63,7 +68,6 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
     this host's portable CPU level (no search runs); otherwise MetaSchedule tunes it here first,
     printing its progress, and the records are kept in the cache for later builds.
     """
-    import fcntl
     import sys
 
     import tvm
@@ -77,9 +81,9 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
         json.dumps([onnx_file.name, target, tvm.__version__, BATCH_SIZES, pack.shipped_digest(target)]).encode()
     ).hexdigest()[:16]
     path = Path(cache_dir) / "default" / f"efficientnet_lite0-{key}.fia"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several workers start at once: one builds
+    if path.exists():
+        return path  # built: nothing to write, so a read-only, pre-built cache serves it
+    with cache.building(path):  # the build stages hidden files beside ``path``
         if not path.exists():
             shipped = pack.shipped_records(target) is not None
             if not shipped:

@@ -1,7 +1,10 @@
-"""The server's lifecycle: start workers and listeners, wait for a signal, shut down in order.
+"""The server's lifecycle: open the listeners, start the workers, wait for a signal, shut down in order.
 
-Shutdown is one sequence: stop accepting connections, let in-flight requests finish within
-``shutdown_timeout_s``, stop the workers, remove the shared memory.
+A start that cannot succeed ends the process with one line that says why (StartupError, which the
+CLI prints, then exits non-zero for the service manager's restart policy): a port in use or a
+model file that is not there (both found before any worker starts), or models that every worker
+of the first start failed to load. Shutdown is one sequence: stop accepting connections, let
+in-flight requests finish within ``shutdown_timeout_s``, stop the workers, remove the shared memory.
 
 Under systemd, listeners passed by name (socket activation: "http", "management", "binary") are
 used instead of binding the configured ports; see fastinfer.server.service for the notifications
@@ -11,28 +14,33 @@ and the reload on SIGHUP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from aiohttp import web
 
+from fastinfer import cache
 from fastinfer.config import Config
+from fastinfer.errors import StartupError
 from fastinfer.logs import configure_logging
 from fastinfer.malloc import keep_freed_blocks
 from fastinfer.server import systemd
 from fastinfer.server.access import AccessLog, guard_server
 from fastinfer.server.binary import BinaryServer
 from fastinfer.server.http import inference_app, runner_for, start_runner
-from fastinfer.server.management import management_app
+from fastinfer.server.management import TEST_RUNTIME_PREFIX, management_app
 from fastinfer.server.service import Service
 from fastinfer.supervisor import Supervisor
 
 log = logging.getLogger("fastinfer")
 
 MANAGEMENT_HOST = "127.0.0.1"
+START_POLL_S = 0.05
 
 
 class Server:
@@ -51,7 +59,10 @@ class Server:
         self.access_log = AccessLog()
 
     async def start(self) -> None:
-        self.supervisor.start()
+        """Open the listeners, then start the workers. A model file that is not there, or a port
+        that cannot be had, raises StartupError before any worker has started."""
+        _check_model_files(self.supervisor.model_paths)
+        cache.remove_stale_staging(self.config.cache_dir)
         self.access_log.start()
         try:
             inference = inference_app(self.supervisor, self.config, self.access_log)
@@ -61,7 +72,10 @@ class Server:
             binary = self.sockets.get(systemd.BINARY, [])
             if len(binary) > 1:
                 log.warning("%d sockets named %r passed: serving the first only", len(binary), systemd.BINARY)
-            await self.binary.start(binary[0] if binary else None)
+            where = f"{self.config.host}:{self.config.binary_port}"
+            with _cannot_listen(f"{where} and {self.config.binary_socket}" if self.config.binary_socket else where):
+                await self.binary.start(binary[0] if binary else None)
+            self.supervisor.start()
         except BaseException:
             await self.stop()
             raise
@@ -71,7 +85,8 @@ class Server:
         self._runners.append(runner)
         passed = self.sockets.get(name)
         if not passed:
-            await start_runner(runner, host, port, self.config.max_connections)
+            with _cannot_listen(f"{host}:{port}"):
+                await start_runner(runner, host, port, self.config.max_connections)
             return
         await runner.setup()
         assert runner.server is not None
@@ -104,6 +119,44 @@ class Server:
         self.access_log.stop()
 
 
+def _check_model_files(model_paths: Mapping[str, str]) -> None:
+    """StartupError for a model file that is not there: no restart of a worker would find it."""
+    for name, path in model_paths.items():
+        if path and not path.startswith(TEST_RUNTIME_PREFIX) and not os.path.isfile(path):
+            raise StartupError(f"cannot serve model {name!r}: no model file {path}")
+
+
+@contextlib.contextmanager
+def _cannot_listen(where: str) -> Iterator[None]:
+    """An OSError while opening a listener (a port in use, an address not this host's) as one line."""
+    try:
+        yield
+    except OSError as error:
+        # asyncio words bind errors its own way; the errno's text is the same everywhere
+        reason = os.strerror(error.errno) if error.errno and error.errno > 0 else (error.strerror or str(error))
+        raise StartupError(f"cannot listen on {where}: {reason[:1].lower()}{reason[1:]}") from None
+
+
+async def _first_start(supervisor: Supervisor, stop: asyncio.Event) -> str | None:
+    """Wait for the first workers: None once they are warm (or a stop is asked); why they cannot
+    serve once every one of them has given up loading its models, which no restart would fix."""
+    while not (supervisor.ready or stop.is_set()):
+        # As the supervisor judges it when it fails every queued request: a worker gave up, and none
+        # serves or is on its way (one that gave up may read "dead" once its process is gone).
+        if supervisor.failure and not any(w.state in ("ready", "starting") for w in supervisor.workers):
+            return supervisor.failure
+        await asyncio.sleep(START_POLL_S)
+    return None
+
+
+def _cannot_serve(model_paths: Mapping[str, str], reason: str) -> str:
+    """The line that ends a start whose workers could not load: the models named, and why."""
+    named = [name for name, path in model_paths.items() if path and os.path.basename(path) in reason]
+    named = named or sorted(model_paths)  # the reason names no model file: each may be the one
+    noun = "model" if len(named) == 1 else "models"
+    return f"cannot serve {noun} {', '.join(repr(name) for name in named)}: {reason}"
+
+
 def _port(runner: web.AppRunner) -> int:
     """The port of the runner's first TCP listener (0 if it has only Unix sockets)."""
     return next((address[1] for address in runner.addresses if isinstance(address, tuple)), 0)
@@ -131,12 +184,17 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> Non
     )
     service.start()
     gc.freeze()  # what start-up made lives as long as the server: full collections need not walk it
-    await stop.wait()
+    failure = await _first_start(server.supervisor, stop)
+    if failure is None:
+        await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("shutting down")
     await service.stop()
+    model_paths = server.supervisor.model_paths
     await server.stop()
     log.info("stopped")
+    if failure is not None:  # exit, so that a service manager applies its restart policy
+        raise StartupError(_cannot_serve(model_paths, failure))
 
 
 def run(config: Config, load: Callable[[], Config] | None = None) -> None:

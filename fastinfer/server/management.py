@@ -23,22 +23,46 @@ from fastinfer.supervisor import Supervisor
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_WORKERS = 256
 TEST_RUNTIME_PREFIX = "echo:"
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
 
 
 def resolve_model_path(path: str, model_store: str) -> str:
-    """The file a registration names: a path, or a file name inside the model store (BadRequest if none)."""
+    """The file a registration names (BadRequest if there is none it may name).
+
+    With a model store, only a file inside the store, named relative to it, and one answer for
+    every refusal: "absent" and "not allowed" (an absolute path, ``..``, a symlink out of the store)
+    must not tell a client which files exist elsewhere. Without one, any path (the management port
+    is for the host's own administrators: localhost, and a token when set).
+    """
     if path.startswith(TEST_RUNTIME_PREFIX):
         return path
+    if "\x00" in path or len(path) > MAX_PATH_CHARS:
+        raise BadRequest(f'"path" must be a file name of at most {MAX_PATH_CHARS} characters, without NUL')
+    if model_store:
+        return _in_store(path, Path(model_store))
     candidate = Path(path)
-    if model_store and not candidate.is_absolute():
-        store = Path(model_store).resolve()
-        candidate = (store / candidate).resolve()
-        if not candidate.is_relative_to(store):
-            raise BadRequest(f'"path" {path!r} leaves the model store')
-    if not candidate.is_file():
-        where = f" (nor in the model store {model_store})" if model_store else ""
-        raise BadRequest(f'"path": no model file {path!r}{where}')
+    if not _is_file(candidate):
+        raise BadRequest(f'"path": no model file {path!r}')
     return str(candidate.resolve())
+
+
+def _in_store(path: str, model_store: Path) -> str:
+    refused = BadRequest(f'"path": no model file {path!r} in the model store')
+    if Path(path).is_absolute() or ".." in Path(path).parts:
+        raise refused
+    store = model_store.resolve()
+    candidate = (store / path).resolve()  # symlinks followed: where they lead must be in the store too
+    if not candidate.is_relative_to(store) or not _is_file(candidate):
+        raise refused
+    return str(candidate)
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; False for any error (a name too long, a folder we may not read)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 async def _params(request: web.Request) -> dict[str, Any]:
@@ -90,11 +114,12 @@ class ManagementRoutes:
         name, path = params.get("name"), params.get("path")
         if not isinstance(path, str) or not path:
             raise BadRequest('"path" (a model file, or a file name in the model store) is required')
+        resolved = resolve_model_path(path, self.config.model_store)
         if name is None:
             name = Path(path).stem
         if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
             raise BadRequest(f'"name" must be 1-128 letters, digits, "_", "." or "-", not {name!r}')
-        await self.supervisor.add_model(name, resolve_model_path(path, self.config.model_store))
+        await self.supervisor.add_model(name, resolved)
         return web.json_response(self._describe(name), status=201)
 
     async def unregister_model(self, request: web.Request) -> web.Response:
@@ -108,7 +133,7 @@ class ManagementRoutes:
     async def scale_workers(self, request: web.Request) -> web.Response:
         params = await _params(request)
         count = params.get("count")
-        if isinstance(count, str) and count.isdigit():
+        if isinstance(count, str) and count.isascii() and count.isdigit():
             count = int(count)
         if type(count) is not int or not 1 <= count <= MAX_WORKERS:
             raise BadRequest(f'"count" must be an integer from 1 to {MAX_WORKERS}, not {count!r}')

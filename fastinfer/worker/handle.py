@@ -93,7 +93,8 @@ class WorkerHandle:
                 _tell(done, message, None)
 
     def _on_lost(self) -> None:
-        self.state = "dead"
+        if self.state != "failed":  # the supervisor gave up on it: it stays so, process gone or not
+            self.state = "dead"
         if self._first_message is not None and not self._first_message.done():
             self._first_message.set_result(None)
         died = WorkerDied(f"worker {self.index} died while running the request")
@@ -124,7 +125,8 @@ class WorkerHandle:
             return None
         code = await self._process.wait()
         await self._closed()
-        self.state = "dead"
+        if self.state != "failed":
+            self.state = "dead"
         return code
 
     def kill(self) -> None:

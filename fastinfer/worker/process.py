@@ -18,6 +18,7 @@ import socket
 import struct
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from fastinfer.errors import FastInferError
 from fastinfer.logs import configure_logging
@@ -25,6 +26,9 @@ from fastinfer.malloc import keep_freed_blocks
 from fastinfer.shm import SlotMap
 from fastinfer.signature import BatchLayout
 from fastinfer.worker.channel import BlockingChannel
+
+if TYPE_CHECKING:
+    from fastinfer.worker.model import LoadedModel
 
 log = logging.getLogger("fastinfer.worker")
 
@@ -73,22 +77,10 @@ def serve(channel: BlockingChannel, slot_fd: int) -> int:
     configure_logging(init["log_level"], prefix=f"worker[{init['index']}] ")
     _own_cores(init["cores"])
 
-    from fastinfer.worker.model import load_model  # TVM is imported after pinning, inside
-
     slots = SlotMap(slot_fd, init["slot_count"], init["slot_bytes"])
     slots.open()
     try:
-        models = {
-            name: load_model(
-                name,
-                path,
-                cache_dir=init["cache_dir"],
-                num_cores=max(1, len(init["cores"])),
-                max_image_pixels=init["max_image_pixels"],
-                device=init.get("device", "cpu"),
-            )
-            for name, path in init["models"].items()
-        }
+        models = {name: _load(name, path, init) for name, path in init["models"].items()}
         layouts = {
             name: BatchLayout.for_slot(model.signature, init["batch_limit"], init["slot_bytes"])
             for name, model in models.items()
@@ -112,6 +104,25 @@ def serve(channel: BlockingChannel, slot_fd: int) -> int:
     finally:
         stop.set()
     return 0
+
+
+def _load(name: str, path: str, init: dict) -> LoadedModel:
+    """Load one model; its errors name it, so the front can say which model cannot be served."""
+    from fastinfer.worker.model import load_model  # after _own_cores(): TVM is imported inside
+
+    try:
+        return load_model(
+            name,
+            path,
+            cache_dir=init["cache_dir"],
+            num_cores=max(1, len(init["cores"])),
+            max_image_pixels=init["max_image_pixels"],
+            device=init.get("device", "cpu"),
+        )
+    except FastInferError as error:
+        raise type(error)(f"model {name!r}: {error.message}", code=error.code, status=error.status) from error
+    except ValueError as error:
+        raise ValueError(f"model {name!r}: {error}") from error
 
 
 def _run(message: dict, models: dict, layouts: dict, slots: SlotMap) -> dict:

@@ -3,6 +3,7 @@
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,3 +75,53 @@ def test_bad_flags_are_refused_with_a_message():
     )
     assert result.returncode == 2
     assert "NAME=PATH" in result.stderr
+
+
+def serve_until_exit(tmp_path, *flags: str) -> tuple[int, str, int]:
+    """``fastinfer serve`` on free ports with ``flags`` on top, run until it exits by itself (it
+    must, within the timeout); its exit status, its stderr and its pid."""
+    command = [sys.executable, "-m", "fastinfer", "serve", "--host", "127.0.0.1", "--cache-dir", str(tmp_path)]
+    command += ["--http-port", "0", "--management-port", "0", "--binary-port", "0", *flags]  # the last flag wins
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, stderr, process.pid
+
+
+def last_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--management-port", "--binary-port"])
+def test_a_port_in_use_ends_the_start_with_one_line(tmp_path, flag):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code, stderr, pid = serve_until_exit(tmp_path, "--models", "echo=echo:float32:16", flag, str(port))
+    assert code == 1
+    assert last_line(stderr) == f"fastinfer: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert "worker" not in stderr, "no worker was started"
+    assert not fastinfer_segments(pid)
+
+
+def test_a_model_file_that_is_not_there_ends_the_start(tmp_path):
+    missing = tmp_path / "models" / "gone.onnx"
+    code, stderr, _ = serve_until_exit(tmp_path, "--models", f"gone={missing}")
+    assert code == 1
+    assert last_line(stderr) == f"fastinfer: cannot serve model 'gone': no model file {missing}"
+    assert "worker" not in stderr, "no worker was started"
+
+
+def test_models_that_no_worker_can_load_end_the_start(tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    code, stderr, pid = serve_until_exit(
+        tmp_path, "--models", "echo=echo:float32:4", f"broken={broken}", "--devices", "cpu:2"
+    )
+    assert code == 1
+    line = last_line(stderr)
+    assert line.startswith("fastinfer: cannot serve model 'broken': worker "), line
+    assert "broken.onnx is not an ONNX model" in line, line
+    assert not fastinfer_segments(pid)

@@ -112,8 +112,20 @@ async def test_register_scale_unregister_under_load(tmp_path):
         ("DELETE", "/models/nope", None, 404, "model_not_found"),
         ("GET", "/models/nope", None, 404, "model_not_found"),
         ("PUT", "/workers", {"count": 0}, 400, "bad_request"),
+        ("PUT", "/workers", {"count": "\u0968"}, 400, "bad_request"),  # Devanagari two: a digit, not ASCII
+        ("PUT", "/workers", {"count": "\u00b2"}, 400, "bad_request"),  # superscript two
     ],
-    ids=["exists", "no-file", "bad-name", "no-path", "unregister-unknown", "describe-unknown", "zero-workers"],
+    ids=[
+        "exists",
+        "no-file",
+        "bad-name",
+        "no-path",
+        "unregister-unknown",
+        "describe-unknown",
+        "zero-workers",
+        "devanagari-count",
+        "superscript-count",
+    ],
 )
 async def test_management_errors_are_json(tmp_path, method, path, json_body, status, code):
     async with (
