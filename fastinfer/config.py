@@ -93,9 +93,13 @@ class Config:
         default=15.0, metadata={"help": "time a connection gets to send a request's headers, or idle between requests"}
     )
     body_timeout_s: float = field(default=30.0, metadata={"help": "time a request gets to send its body (408 past it)"})
-    max_connections: int = field(default=1024, metadata={"help": "open connections per HTTP port; past it: 503"})
+    max_connections: int = field(
+        default=1024, metadata={"help": "open connections per port (HTTP and binary); past it: 503"}
+    )
     inference_token: str = field(
-        default="", repr=False, metadata={"help": "bearer token the inference port requires (empty: none)"}
+        default="",
+        repr=False,
+        metadata={"help": "token the inference ports (HTTP bearer, binary HELLO) require (empty: none)"},
     )
     management_token: str = field(
         default="", repr=False, metadata={"help": "bearer token the management port requires (empty: none)"}

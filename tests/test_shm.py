@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import numpy as np
@@ -9,10 +10,8 @@ from fastinfer.shm import ALIGNMENT, MEMFD_NAME, SlotMap, SlotPool, SlotsExhaust
 def memfd_links() -> list[str]:
     links = []
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # closed meanwhile
             links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass
     return [link for link in links if MEMFD_NAME in link]
 
 

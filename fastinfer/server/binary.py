@@ -1,9 +1,9 @@
 """The binary protocol listener: an ``asyncio.BufferedProtocol`` over the sans-IO codec.
 
-The socket reads straight into memory the decoder names, and for a one-sample request the
-decoder names the request's row in a batch slot, or its image slot: tensor bytes go from the
-kernel into shared memory with no copy in Python. Other requests (several samples, several
-inputs) are received into an aligned buffer and copied into their rows once.
+A request's payload is received into an aligned buffer of its own, and its rows in shared memory
+are reserved only once the last byte is in (then the bytes are copied into them once): a request
+joins a batch complete, so a client that sends slowly, or stops, holds no slot and delays no
+other client's batch (docs/protocol.md, "Limits").
 
 Replies are written from views of the batch slot; a row is released only once the transport has
 handed those bytes to the kernel (a write-buffer high-water mark of 0 tells us when).
@@ -66,12 +66,11 @@ JOIN_BELOW_BYTES = 64 << 10  # replies this small are copied into one write: a s
 
 @dataclass
 class Receiving:
-    """A request whose header is in and whose payload is on its way."""
+    """A request whose header is in and whose payload is on its way, into memory of its own."""
 
-    rows: list[Row]
     request: Request
+    signature: ModelSignature
     started: float
-    direct: bool  # the payload goes straight into shared memory
 
 
 @dataclass
@@ -175,11 +174,8 @@ class BinaryProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
-        for receiving in self._receiving.values():
-            for row in receiving.rows:
-                row.release()
         self._receiving.clear()
-        self.decoder = FrameDecoder()  # the old one may hold a view of a slot it was receiving into
+        self.decoder = FrameDecoder()
         self.transport = None  # answers still to come are dropped, their rows released
         self._out.clear()
         self._after_drain += self._after_flush
@@ -317,25 +313,19 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             self._send_error(head.request_id, BadRequest("a client does not send RESPONSE or PONG frames"))
 
     def _place_payload(self, head: FrameHead) -> list:
-        """Reserve the request's rows and say where its payload goes."""
+        """Check the request and receive its payload into memory of its own: its rows are reserved
+        only once every byte is in, so a slow or stalled sender holds no slot and delays no batch."""
         if head.frame_type != FrameType.REQUEST or not isinstance(head.message, Request):
             return self.decoder.discard_payload()
         request = head.message
         try:
             signature = self.supervisor.signature(request.model)
-            rows = self._reserve(signature, request)
+            self._checked(signature, request)
         except FastInferError as error:
             self._send_error(head.request_id, error)
             return self.decoder.discard_payload()
-        target = rows[0].payload_view()
-        if request.image is not None:
-            direct = request.image.offset == 0 and head.payload_length <= len(target)
-        else:
-            direct = len(rows) == 1 and len(request.inputs) == 1 and head.payload_length == len(target)
-        self._receiving[head.request_id] = Receiving(rows, request, time.perf_counter(), direct)
-        if direct:
-            return self.decoder.set_payload_buffer(target)
-        target.release()
+        self._receiving[head.request_id] = Receiving(request, signature, time.perf_counter())
+        # Pages are committed as bytes arrive: a sender that stops short costs what it sent.
         return self.decoder.set_payload_buffer(aligned_buffer(head.payload_length))
 
     def _reserve(self, signature: ModelSignature, request: Request) -> list[Row]:
@@ -371,12 +361,13 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         receiving = self._receiving.pop(head.request_id, None)
         if receiving is None:
             return  # refused when its header came; already answered
-        rows, request, started = receiving.rows, receiving.request, receiving.started
+        request, started = receiving.request, receiving.started
+        rows: list[Row] = []
         try:
             if payload is None:
                 raise BadRequest("the request's payload was not received")
-            if not receiving.direct:
-                _copy_into_rows(rows, request, payload)
+            rows = self._reserve(receiving.signature, request)
+            _copy_into_rows(rows, request, payload)
             _mark_filled(rows, request)
         except FastInferError as error:
             for row in rows:

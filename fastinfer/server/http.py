@@ -16,10 +16,12 @@ from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Middleware
 
 from fastinfer.config import Config
-from fastinfer.errors import BadRequest, FastInferError, ModelNotFound, PayloadTooLarge, RequestTimeout
+from fastinfer.errors import BadImage, BadRequest, FastInferError, ModelNotFound, PayloadTooLarge, RequestTimeout
+from fastinfer.protocol import aligned_buffer
 from fastinfer.server import kserve
 from fastinfer.server.access import AccessLog, bearer_auth, guard_server
 from fastinfer.server.jsonbody import json_response
+from fastinfer.signature import ModelSignature
 from fastinfer.supervisor import Supervisor
 
 IMAGE_FIELDS = ("data", "input0")
@@ -180,30 +182,18 @@ class InferenceRoutes:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
-        row = self.supervisor.batcher.reserve(model, timeout_from(request, self.config.request_timeout_s))
+        timeout_s = timeout_from(request, self.config.request_timeout_s)
+        body = await self._receive(request, signature)
+        # Only now, with every byte in, does the request take a row: a slow upload holds no slot
+        # and keeps no batch waiting.
+        row = self.supervisor.batcher.reserve(model, timeout_s)
         try:
             view = row.payload_view()
             try:
-                if signature.takes_images:
-                    body = view[:limit]
-                    nbytes = await read_body_into(
-                        request,
-                        body,
-                        lambda: PayloadTooLarge(f"the body is over the limit of {limit} bytes"),
-                        self.config.body_timeout_s,
-                    )
-                    body.release()
-                else:
-                    sample = len(view)
-                    nbytes = await read_body_into(
-                        request,
-                        view,
-                        lambda: BadRequest(f"the body is longer than the {sample} bytes the model takes"),
-                        self.config.body_timeout_s,
-                    )
+                view[: len(body)] = body
             finally:
                 view.release()
-            row.filled(nbytes)
+            row.filled(len(body))
             result = await row.result()
             if signature.top_k and result.classes is not None:
                 return json_response(result.classes)
@@ -214,6 +204,28 @@ class InferenceRoutes:
             return json_response({"model_name": model, "outputs": outputs})  # before the row's views go
         finally:
             row.release()
+
+    async def _receive(self, request: web.Request, signature: ModelSignature) -> memoryview:
+        """The body (an image, or one sample's bytes), received into memory of the request's own."""
+        limit = self.config.max_body_bytes
+        sample = 0 if signature.takes_images else sum(spec.nbytes for spec in signature.inputs)
+        too_long: Callable[[], FastInferError]
+        if signature.takes_images:
+            size, too_long = limit, lambda: PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        else:
+            size, too_long = sample, lambda: BadRequest(f"the body is longer than the {sample} bytes the model takes")
+        if request.content_length is not None:
+            size = min(size, request.content_length)  # one too long is refused before a byte is read
+        buffer = aligned_buffer(size)  # pages are committed as bytes arrive
+        nbytes = await read_body_into(request, buffer, too_long, self.config.body_timeout_s)
+        if signature.takes_images and not nbytes:
+            raise BadImage("the body is empty; send the encoded image bytes")
+        if not signature.takes_images and nbytes != sample:
+            spec = signature.inputs[0]
+            raise BadRequest(
+                f"input {spec.name!r} is {spec.dtype} {list(spec.shape)}, {sample} bytes; the body has {nbytes}"
+            )
+        return buffer[:nbytes]
 
 
 def inference_app(supervisor: Supervisor, config: Config, access: AccessLog | None = None) -> web.Application:
