@@ -69,7 +69,8 @@ class ModelSignature:
         return runs
 
     def padded(self, rows: int) -> int:
-        """The rows the compiled code runs for ``rows`` requests, padding included."""
+        """The rows the compiled code runs for ``rows`` requests, padding included: what a batch's
+        layout makes room for. A plan from measured costs (:func:`cheapest_runs`) never runs more."""
         start, size = self.runs(rows)[-1]
         return start + size
 
@@ -104,6 +105,41 @@ class ModelSignature:
             top_k=data.get("top_k", 0),
             batch_sizes=tuple(sizes) if sizes else None,
         )
+
+
+def cheapest_runs(signature: ModelSignature, rows: int, costs: dict[int, float]) -> list[tuple[int, int]]:
+    """The runs of ``rows`` requests that cost least, by ``costs`` (seconds per run of each compiled
+    size, measured): two requests on a model compiled for 1 and 8 run as two runs of 1 when a run
+    of 8 costs more than two of 1. Runs cover the rows in order, padding (if any) at the end, and
+    never more rows than :meth:`ModelSignature.padded`, for which the batch's layout has room."""
+    sizes = signature.batch_sizes
+    if sizes is None or not costs:
+        return signature.runs(rows)
+    limit = signature.padded(rows)
+    # best[c]: the cheapest runs of exactly c rows (a knapsack over the compiled sizes), as
+    # (cost, last size); then the cheapest total that covers ``rows``.
+    best: list[tuple[float, int] | None] = [(0.0, 0)] + [None] * limit
+    for covered in range(1, limit + 1):
+        options = [
+            (previous[0] + costs[size], size)
+            for size in sizes
+            if size <= covered and (previous := best[covered - size]) is not None and size in costs
+        ]
+        best[covered] = min(options) if options else None
+    reachable = [(entry[0], covered) for covered in range(rows, limit + 1) if (entry := best[covered]) is not None]
+    if not reachable:
+        return signature.runs(rows)
+    _, covered = min(reachable)
+    plan = []
+    while covered:
+        size = best[covered][1]  # type: ignore[index]
+        covered -= size
+        plan.append(size)
+    runs, start = [], 0
+    for size in sorted(plan, reverse=True):  # the largest first: the rows a smaller run pads come last
+        runs.append((start, size))
+        start += size
+    return runs
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fastinfer.errors import FastInferError, ModelLoadError
 from fastinfer.preprocess import ImagePreprocess, preprocess_into
 from fastinfer.shm import ALIGNMENT
-from fastinfer.signature import BatchLayout, ModelSignature
+from fastinfer.signature import BatchLayout, ModelSignature, cheapest_runs
 from fastinfer.worker.cuda import parse_device
 from fastinfer.worker.runtime import EchoRuntime, Runtime, TvmRuntime
 
@@ -34,17 +35,38 @@ def _aligned(array: np.ndarray) -> np.ndarray:
     return copy
 
 
+TIMED_RUNS = 3  # per compiled size at warm-up; the fastest counts (interference only adds time)
+
+
 @dataclass
 class LoadedModel:
     signature: ModelSignature
     runtime: Runtime
     labels: list[str] | None = None
+    run_costs: dict[int, float] = field(default_factory=dict)  # seconds per run, by compiled size
 
     def warm_up(self, rows: int) -> None:
-        """Run each compiled size a batch of ``rows`` uses once, so that the first request does not
-        pay for first-run costs."""
-        for size in sorted({size for _, size in self.signature.runs(rows)}):
-            self.runtime.run([aligned_zeros((size, *t.shape), t.dtype) for t in self.signature.inputs])
+        """Run each compiled size a batch of up to ``rows`` may use, so that the first request does not
+        pay for first-run costs, and time it: batches are planned from these costs."""
+        sizes = self.signature.batch_sizes
+        if sizes is None:  # one library for any batch: nothing to plan, one run warms it
+            self.runtime.run([aligned_zeros((rows, *t.shape), t.dtype) for t in self.signature.inputs])
+            return
+        for size in sorted(size for size in sizes if size <= self.signature.padded(rows)):
+            inputs = [aligned_zeros((size, *t.shape), t.dtype) for t in self.signature.inputs]
+            self.runtime.run(inputs)
+            times = []
+            for _ in range(TIMED_RUNS):
+                started = time.perf_counter()
+                self.runtime.run(inputs)
+                times.append(time.perf_counter() - started)
+            self.run_costs[size] = min(times)
+        costs = ", ".join(f"{size}: {cost * 1000:.2f} ms" for size, cost in sorted(self.run_costs.items()))
+        log.info("model %s: a run of each compiled batch size takes %s", self.signature.name, costs)
+
+    def runs(self, rows: int) -> list[tuple[int, int]]:
+        """The runs of the compiled code for ``rows`` requests: the cheapest by the measured costs."""
+        return cheapest_runs(self.signature, rows, self.run_costs)
 
     def run_batch(self, layout: BatchLayout, slot: memoryview, rows: int, images: list[memoryview | None]) -> dict:
         """Run ``rows`` requests laid out in ``slot``; write their outputs there; return the reply.
@@ -65,7 +87,7 @@ class LoadedModel:
                 except FastInferError as error:
                     errors[row] = {"code": error.code, "status": error.status, "message": error.message}
                     inputs[0][row] = 0
-        for start, size in self.signature.runs(rows):
+        for start, size in self.runs(rows):
             self._run([x[start : start + size] for x in inputs], [y[start : start + size] for y in outputs])
         reply: dict = {"errors": errors}
         if self.signature.top_k:
