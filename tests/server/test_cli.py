@@ -125,3 +125,26 @@ def test_models_that_no_worker_can_load_end_the_start(tmp_path):
     assert line.startswith("fastinfer: cannot serve model 'broken': worker "), line
     assert "broken.onnx is not an ONNX model" in line, line
     assert not fastinfer_segments(pid)
+
+
+def test_kill_9_of_every_process_leaves_no_shared_memory(tmp_path):
+    """The slot memory has no name: when the last process that maps it dies, it is gone, and no
+    process outside the server could ever open it."""
+    import os
+
+    before = set(os.listdir("/dev/shm"))
+    process, (http_port, management_port) = start_server(tmp_path)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{management_port}/models/echo", timeout=10) as response:
+            worker_pids = [w["pid"] for w in json.load(response)["workers"]]
+        assert fastinfer_segments(process.pid), "the front holds the slot memory"
+        maps = Path(f"/proc/{worker_pids[0]}/maps").read_text()
+        assert "memfd:fastinfer-slots" in maps
+        assert set(os.listdir("/dev/shm")) == before, "nothing with a name"
+        for pid in [process.pid, *worker_pids]:
+            os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        process.kill()
+        process.stderr.close()
+    assert set(os.listdir("/dev/shm")) == before
