@@ -19,7 +19,14 @@ Rules (after Triton's dynamic batcher, with one addition for latency):
   that arrive together (pipelined on a connection, or on several) go in one batch. A busy
   worker takes batches that fill a run, up to ``pipeline_depth`` in flight, so it never waits
   for the front between batches.
-- Past ``queue_max_size`` rows waiting, or with no free slot, a request is refused at once.
+- Models take turns (round robin): a worker that may take a batch takes the next model's in turn
+  that has one ready. A busy worker, which takes only batches that fill a run, also takes a
+  partial batch that is due when other models keep it busy with full ones: so a model with work
+  waiting gets a worker within one batch of each other model, whatever they send.
+- Past ``queue_max_size`` rows waiting, or with no free slot, a request is refused at once; so is
+  one that, at the rate its model's queue drains (measured), would wait longer than
+  ``queue_max_delay_s`` or its own deadline before its batch could start: ``Overloaded`` with the
+  seconds after which a retry could be admitted.
 - A batch's slots return to the pool once the worker has answered (or died) and every request of
   the batch has released its row: replies are written from views of the slot.
 """
@@ -283,6 +290,7 @@ class ModelQueue:
         self.batches: list[Batch] = []  # oldest first; only the last may be open
         self.waiting_rows = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.row_cost_s = 0.0  # a worker's seconds per row of this model, measured (0: not yet)
 
     @property
     def open_batch(self) -> Batch | None:
@@ -303,6 +311,7 @@ class Batcher:
         batch_max_delay_s: float,
         queue_max_size: int,
         batch_max_runs: int | None = None,
+        queue_max_delay_s: float = math.inf,
         pipeline_depth: int = 2,
         clock: Callable[[], float] | None = None,
         on_batch: Callable[[str, int, float, float], None] | None = None,
@@ -313,6 +322,7 @@ class Batcher:
         self.batch_max_delay_s = batch_max_delay_s
         self.queue_max_size = queue_max_size
         self.batch_max_runs = batch_max_runs
+        self.queue_max_delay_s = queue_max_delay_s
         self.pipeline_depth = pipeline_depth
         self._clock = clock
         self._on_batch = on_batch
@@ -320,6 +330,8 @@ class Batcher:
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pump_scheduled = False
+        self._turn = 0  # the index of the model whose batch goes first next time (round robin)
+        self._busy_until: dict[int, float] = {}  # by id() of a worker: when its last batch ended
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -348,6 +360,14 @@ class Batcher:
         queue = self.queues[model]
         if queue.waiting_rows >= self.queue_max_size:
             raise Overloaded(f"{queue.waiting_rows} requests are already waiting for {model}; retry later")
+        wait_s = self.expected_wait_s(queue)
+        if wait_s > min(self.queue_max_delay_s, timeout_s):
+            limit_s = min(self.queue_max_delay_s, timeout_s)
+            raise Overloaded(
+                f"a request for {model} would wait about {wait_s:.1f} s in its queue, past its limit of "
+                f"{limit_s:g} s; retry later",
+                retry_after_s=wait_s - limit_s,
+            )
         batch = queue.open_batch
         if batch is not None and batch.fills_a_run and self._room_for_another_batch():
             batch.state = SEALED
@@ -361,13 +381,23 @@ class Batcher:
             if queue.signature.takes_images:
                 image_slot = self.pool.acquire()
         except SlotsExhausted:
-            raise Overloaded("every shared-memory slot is in use; retry later") from None
+            raise Overloaded(
+                "the server's shared memory is full of requests (every slot is in use); retry later"
+            ) from None
         row = Row(batch, len(batch.rows), now + timeout_s, image_slot)
         batch.add_row(row)
         queue.waiting_rows += 1
         if batch.full:
             batch.state = SEALED
         return row
+
+    def expected_wait_s(self, queue: ModelQueue) -> float:
+        """How long a new request of the queue's model would wait for its batch to start: the rows
+        ahead of it at the measured rate, shared by the ready workers (0 while nothing is measured)."""
+        ready = sum(1 for w in self.workers if w.state == "ready")
+        if not ready or not queue.row_cost_s:
+            return 0.0
+        return queue.waiting_rows * queue.row_cost_s / ready
 
     def _room_for_another_batch(self) -> bool:
         room = sum(self.pipeline_depth - w.in_flight for w in self.workers if w.state == "ready")
@@ -419,19 +449,23 @@ class Batcher:
                         self._arm_timer(queue, due_s)
 
     def _take(self, worker: Worker, now: float) -> Batch | None:
-        best: Batch | None = None
-        for queue in self.queues.values():
-            if not queue.batches:
-                continue
-            batch = queue.batches[0]
-            if not batch.complete:
-                continue
-            takes = batch.fills_a_run or (worker.in_flight == 0 and now >= self._due_s(batch))
-            if takes and (best is None or batch.opened_s < best.opened_s):
-                best = batch
-        if best is not None:
-            best.queue.batches.pop(0)
-        return best
+        """The batch ``worker`` takes now, by the rules at the top of this module (None: none yet)."""
+        queues = list(self.queues.values())
+        heads = [(i, q.batches[0]) for i, q in enumerate(queues) if q.batches and q.batches[0].complete]
+        idle = worker.in_flight == 0
+        others_full = any(batch.fills_a_run for _, batch in heads)
+        ready = [
+            (i, batch)
+            for i, batch in heads
+            if batch.fills_a_run or (now >= self._due_s(batch) and (idle or others_full))
+        ]
+        if not ready:
+            return None
+        # Round robin: the first model at or after this turn's, then the turn passes it.
+        index, batch = min(ready, key=lambda entry: (entry[0] - self._turn) % len(queues))
+        self._turn = (index + 1) % len(queues)
+        batch.queue.batches.pop(0)
+        return batch
 
     def _drop_void(self, queue: ModelQueue) -> None:
         while queue.batches and queue.batches[0].complete and all(r.state == VOID for r in queue.batches[0].rows):
@@ -445,13 +479,24 @@ class Batcher:
         batch.state = SENT
         batch.sent_s = self.now()
         try:
-            worker.send_batch(batch.message(), functools.partial(self._finished, batch))
+            worker.send_batch(batch.message(), functools.partial(self._finished, worker, batch))
         except FastInferError as error:
             batch.finish(None, error)
 
-    def _finished(self, batch: Batch, reply: dict[str, Any] | None, error: FastInferError | None) -> None:
+    def _finished(
+        self, worker: Worker, batch: Batch, reply: dict[str, Any] | None, error: FastInferError | None
+    ) -> None:
+        now = self.now()
+        # The worker ran this batch from when it was sent or when its previous one ended (batches
+        # wait in its pipeline), to now: the drain rate that admission by waiting time uses.
+        started_s = max(batch.sent_s, self._busy_until.get(id(worker), 0.0))
+        self._busy_until[id(worker)] = now
+        if error is None and batch.rows:
+            cost = (now - started_s) / len(batch.rows)
+            queue = batch.queue
+            queue.row_cost_s = cost if not queue.row_cost_s else 0.8 * queue.row_cost_s + 0.2 * cost
         if self._on_batch is not None:  # before finish(): once its rows are released, a batch forgets them
-            queue_s, compute_s = batch.sent_s - batch.opened_s, self.now() - batch.sent_s
+            queue_s, compute_s = batch.sent_s - batch.opened_s, now - batch.sent_s
             self._on_batch(batch.queue.signature.name, len(batch.rows), queue_s, compute_s)
         batch.finish(reply, error)
         self.pump()

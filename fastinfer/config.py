@@ -74,6 +74,10 @@ class Config:
         default=0.002, metadata={"help": "batch_max_delay_s of GPU workers: a short wait lets batches fill"}
     )
     queue_max_size: int = field(default=256, metadata={"help": "requests waiting per model before 503"})
+    queue_max_delay_s: float = field(
+        default=5.0,
+        metadata={"help": "a request that would wait longer for its batch (at the measured rate) gets 503 at once"},
+    )
     max_body_bytes: int = field(default=16 << 20, metadata={"help": "largest request body accepted"})
     max_image_pixels: int = field(default=40_000_000, metadata={"help": "decompression-bomb limit"})
     worker_start_timeout_s: float = field(default=600.0, metadata={"help": "compile + load + warm-up limit"})
@@ -152,8 +156,8 @@ class Config:
             raise ConfigError("batch_max_size, gpu_batch_max_size and batch_max_runs must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
-        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
-            raise ConfigError("header_timeout_s and body_timeout_s must be positive")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0 or self.queue_max_delay_s <= 0:
+            raise ConfigError("header_timeout_s, body_timeout_s and queue_max_delay_s must be positive")
 
     def model_paths(self) -> dict[str, str]:
         """Model name -> path; the default model (path "") when none is given."""

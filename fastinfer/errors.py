@@ -6,6 +6,8 @@ the binary protocol uses the same codes.
 
 from __future__ import annotations
 
+import math
+
 
 class FastInferError(Exception):
     """Root of every error fastinfer raises on purpose."""
@@ -111,10 +113,15 @@ class UnsafePickle(ModelLoadError):
 
 
 class Overloaded(FastInferError):
-    """The model's queue or shared memory is full: retry later (HTTP adds Retry-After)."""
+    """The model's queue or shared memory is full, or its queue would not drain in time: retry after
+    ``retry_after_s`` (HTTP's Retry-After)."""
 
     code = "overloaded"
     status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = max(1, min(60, math.ceil(retry_after_s)))  # whole seconds, as HTTP says them
 
 
 class DeadlineExceeded(FastInferError):

@@ -25,7 +25,7 @@ from fastinfer.batcher import Batcher
 from fastinfer.config import Config
 from fastinfer.errors import FastInferError, ModelLoadError, ModelNotFound, ModelNotReady
 from fastinfer.metrics import Metrics
-from fastinfer.shm import SlotPool
+from fastinfer.shm import SlotPool, round_up
 from fastinfer.signature import ModelSignature
 from fastinfer.worker.handle import WorkerHandle
 
@@ -123,6 +123,7 @@ class Supervisor:
             batch_max_delay_s=max_delay_s,
             batch_max_runs=self.config.batch_max_runs,
             queue_max_size=self.config.queue_max_size,
+            queue_max_delay_s=self.config.queue_max_delay_s,
             on_batch=self.metrics.batch_done,
         )
 
@@ -174,6 +175,7 @@ class Supervisor:
                 self._give_up(generation, handle, error.message)
                 return
             log.info("worker %d (pid %s, cores %s) is ready", handle.index, handle.pid, handle.cores)
+            ready_s = time.monotonic()
             for signature in handle.signatures.values():
                 generation.batcher.add_model(signature)
             self._count_ready()
@@ -183,6 +185,8 @@ class Supervisor:
             if self._stopping:
                 return
             self.metrics.worker_restarts.labels(str(handle.index)).inc()
+            if time.monotonic() - ready_s > self.config.restart_window_s:
+                backoff = BACKOFF_FIRST_S  # it served well for a while: this is no crash loop
             log.warning("worker %d exited (code %s); restarting in %.1f s", handle.index, code, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -200,14 +204,21 @@ class Supervisor:
     async def _watch_health(self) -> None:
         """Kill workers that stopped beating or hold a batch for too long."""
         beat_s = self.config.worker_heartbeat_s
+        checked_s = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(beat_s)
             now = time.monotonic()
+            # A loop that was busy (a long callback) read no heartbeat meanwhile, though they came:
+            # judge the workers by their beats again only after the loop has read what is waiting.
+            stalled = now - checked_s > 2 * beat_s
+            checked_s = now
             for worker in (w for generation in self._live for w in generation.workers):
                 if worker.state != "ready":
                     continue
                 oldest = worker.oldest_sent_s
-                if now - worker.last_heard_s > MISSED_BEATS * beat_s:
+                if stalled:
+                    worker.last_heard_s = max(worker.last_heard_s, now - beat_s)
+                elif now - worker.last_heard_s > MISSED_BEATS * beat_s:
                     log.error("worker %d missed %d heartbeats: killing it", worker.index, MISSED_BEATS)
                     worker.kill()
                 elif oldest is not None and now - oldest > self.config.batch_timeout_s:
@@ -245,20 +256,30 @@ class Supervisor:
         return queue.signature
 
     async def replace_workers(
-        self, model_paths: Mapping[str, str] | None = None, worker_count: int | None = None
+        self,
+        model_paths: Mapping[str, str] | None = None,
+        worker_count: int | None = None,
+        config: Config | None = None,
     ) -> None:
         """Serve ``model_paths`` with ``worker_count`` workers (None: as now), without failing a request.
 
         New workers start beside the serving ones; once all are warm, new requests go to them and
         the old workers drain (within ``shutdown_timeout_s``) and stop. If a new worker cannot
         start, the new ones stop, the old ones go on serving, and this raises ModelLoadError.
-        Calls are serialized.
+        With ``config`` (a reload), the new workers and their batcher follow it: devices, batching,
+        supervision. Calls are serialized.
         """
         async with self._replacing:
-            await self._replace(
-                dict(self.model_paths if model_paths is None else model_paths),
-                self._generation.worker_count if worker_count is None else worker_count,
-            )
+            previous = self.config
+            self.config = config or previous
+            try:
+                await self._replace(
+                    dict(self.model_paths if model_paths is None else model_paths),
+                    self._generation.worker_count if worker_count is None else worker_count,
+                )
+            except BaseException:
+                self.config = previous  # the old workers go on serving, as they were configured
+                raise
 
     async def add_model(self, name: str, path: str) -> None:
         """Start serving ``path`` as ``name`` (see :meth:`replace_workers`); FastInferError 409 if taken."""
@@ -280,7 +301,7 @@ class Supervisor:
         old = self._generation
         slots = self.config.shm_slots_per_worker * worker_count
         pool = old.pool
-        if pool.slot_count < slots:
+        if pool.slot_count < slots or pool.slot_bytes != round_up(self.config.shm_slot_bytes):
             pool = SlotPool(slots, self.config.shm_slot_bytes)
             pool.create()
         new = Generation(model_paths, worker_count, pool, self._new_batcher)

@@ -1,6 +1,7 @@
 """Batching decisions with an injected clock and fake workers: no sleeps, no processes."""
 
 import asyncio
+import math
 
 import numpy as np
 import pytest
@@ -312,3 +313,59 @@ async def test_each_batch_is_counted_with_its_size_and_times(pool):
     clock.now += 0.005
     worker.answer(0)
     assert batches == [("echo", 3, pytest.approx(0.002), pytest.approx(0.005))]
+
+
+async def test_a_busy_model_does_not_starve_another(pool):
+    """A model whose client keeps full batches coming once kept every batch of another model
+    waiting: a busy worker took only batches that filled a run, and the other's never did."""
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, pipeline_depth=2)
+    batcher.add_model(ModelSignature("fast", ECHO.inputs, ECHO.outputs))
+    for _ in range(8):  # two full batches of echo: the worker's pipeline is full
+        await fill(batcher.reserve("echo", 10), 0.0)
+    await fill(batcher.reserve("fast", 10), 1.0)  # one request of another model, a partial batch
+    for _ in range(4):  # and echo's client sends the next full batch already
+        await fill(batcher.reserve("echo", 10), 0.0)
+    assert [m["model"] for m, _ in worker.sent] == ["echo", "echo"]
+    worker.answer(0)
+    await asyncio.sleep(0)
+    assert [m["model"] for m, _ in worker.sent][2] == "fast", "the other model's turn comes next"
+    worker.answer(1)
+    await asyncio.sleep(0)
+    assert [m["model"] for m, _ in worker.sent][3] == "echo"
+
+
+async def test_models_take_turns(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, pipeline_depth=1)
+    batcher.add_model(ModelSignature("other", ECHO.inputs, ECHO.outputs))
+    for _ in range(3):
+        for model in ("echo", "other"):
+            for _ in range(4):
+                await fill(batcher.reserve(model, 10), 0.0)
+    for _ in range(5):
+        worker.answer(-1)
+        await asyncio.sleep(0)
+    assert [m["model"] for m, _ in worker.sent] == ["echo", "other"] * 3
+
+
+async def test_a_request_that_would_wait_past_its_limit_is_refused_at_once(pool):
+    """Admission by waiting time: the queue's drain rate is measured from the worker's batches."""
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock, pipeline_depth=1, queue_max_delay_s=2.5, queue_max_size=1000)
+    await fill(batcher.reserve("echo", 60), 0.0)
+    clock.now += 1.0  # the worker takes a second per row
+    worker.answer(0)
+    await asyncio.sleep(0)
+    assert batcher.queues["echo"].row_cost_s == pytest.approx(1.0)
+    await fill(batcher.reserve("echo", 60), 0.0)  # taken at once: the worker is idle
+    rows = [batcher.reserve("echo", 60) for _ in range(3)]  # 3 rows waiting: 3 s of work ahead
+    for row in rows:
+        await fill(row, 0.0)
+    with pytest.raises(Overloaded) as refused:
+        batcher.reserve("echo", 60)
+    assert refused.value.retry_after_s >= 1 and "would wait" in refused.value.message
+    batcher.queue_max_delay_s = math.inf
+    await fill(batcher.reserve("echo", 60), 0.0)  # 3 s ahead, within its deadline of 60 s
+    with pytest.raises(Overloaded):  # 4 s ahead, past its deadline of 2 s
+        batcher.reserve("echo", 2)

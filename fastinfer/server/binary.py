@@ -51,6 +51,7 @@ from fastinfer.protocol import (
     pack_tensors,
 )
 from fastinfer.server.access import token_matches
+from fastinfer.server.http import check_version
 from fastinfer.signature import ModelSignature
 from fastinfer.supervisor import Supervisor
 
@@ -174,6 +175,8 @@ class BinaryProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
+        for _ in self._receiving:
+            self.supervisor.metrics.request_ended("binary")  # cut short: nobody is left to answer
         self._receiving.clear()
         self.decoder = FrameDecoder()
         self.transport = None  # answers still to come are dropped, their rows released
@@ -218,9 +221,9 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             return
         if self.frame_started_s is not None and now - self.frame_started_s > self.config.body_timeout_s:
             error = RequestTimeout(f"the frame did not arrive whole within {self.config.body_timeout_s:g} s")
-            for request_id in self._receiving:
-                self._send_error(request_id, error)
-            self._close_with(error)
+            for request_id, receiving in self._receiving.items():
+                self._refuse(request_id, receiving.request, error, receiving.started)
+            self._close_with(error)  # connection_lost ends what was receiving
         elif self.idle and now - self.last_read_s > self.config.header_timeout_s:
             self.close()  # as HTTP closes an idle keep-alive connection: nothing is owed to anyone
 
@@ -293,7 +296,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             self._checked(self.supervisor.signature(request.model), request)  # the reason, where there is one
             raise BadRequest("the image is empty" if request.image is not None else "the request carries no bytes")
         except FastInferError as error:
-            self._send_error(head.request_id, error)
+            self._refuse(head.request_id, request, error)
 
     def _complete(self, event: PayloadComplete) -> None:
         head = event.head
@@ -322,8 +325,9 @@ class BinaryProtocol(asyncio.BufferedProtocol):
             signature = self.supervisor.signature(request.model)
             self._checked(signature, request)
         except FastInferError as error:
-            self._send_error(head.request_id, error)
+            self._refuse(head.request_id, request, error)
             return self.decoder.discard_payload()
+        self.supervisor.metrics.request_started("binary")
         self._receiving[head.request_id] = Receiving(request, signature, time.perf_counter())
         # Pages are committed as bytes arrive: a sender that stops short costs what it sent.
         return self.decoder.set_payload_buffer(aligned_buffer(head.payload_length))
@@ -343,6 +347,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
 
     def _checked(self, signature: ModelSignature, request: Request) -> int:
         """The request's batch size, once it is checked against the model; BadRequest if it does not fit."""
+        check_version(signature.name, request.version)
         if signature.takes_images != (request.image is not None):
             kind = "an encoded image" if signature.takes_images else "tensors"
             raise BadRequest(f"model {signature.name} takes {kind}")
@@ -372,7 +377,8 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         except FastInferError as error:
             for row in rows:
                 row.release()
-            self._send_error(head.request_id, error)
+            self.supervisor.metrics.request_ended("binary")
+            self._refuse(head.request_id, request, error, started)
             return
         answering = Answering(head.request_id, rows, request, started, waiting=len(rows))
         self.answering.add(head.request_id)
@@ -418,6 +424,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
                 for row in rows:
                     row.release()
             metrics = self.supervisor.metrics
+            metrics.request_ended("binary")
             metrics.request_done(request.model, "binary", code, time.perf_counter() - answering.started)
             if self._paused and len(self.answering) <= PAUSE_AFTER_REQUESTS // 2 and self.transport is not None:
                 self._paused = False
@@ -454,6 +461,13 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         else:
             for row in rows:
                 row.release()
+
+    def _refuse(self, request_id: int, request: Request, error: FastInferError, started: float | None = None) -> None:
+        """Answer a request with an error, and count it as HTTP counts its refusals."""
+        self._send_error(request_id, error)
+        if request.model in self.supervisor.model_paths:  # unknown names would grow the metrics without bound
+            latency_s = time.perf_counter() - started if started is not None else 0.0
+            self.supervisor.metrics.request_done(request.model, "binary", error.code, latency_s)
 
     def _send_error(self, request_id: int, error: FastInferError) -> None:
         self._send(FrameType.ERROR, request_id, error_envelope(error.code, error.message, error.status))

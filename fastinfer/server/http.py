@@ -16,7 +16,15 @@ from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Middleware
 
 from fastinfer.config import Config
-from fastinfer.errors import BadImage, BadRequest, FastInferError, ModelNotFound, PayloadTooLarge, RequestTimeout
+from fastinfer.errors import (
+    BadImage,
+    BadRequest,
+    FastInferError,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from fastinfer.protocol import aligned_buffer
 from fastinfer.server import kserve
 from fastinfer.server.access import AccessLog, bearer_auth, guard_server
@@ -30,6 +38,7 @@ DEADLINE_HEADER = "X-Deadline-Ms"
 LINGER_MAX_S = 10.0
 MODEL_VERSION = "1"  # models have one version until archives carry theirs
 HEALTH_PATHS = ("/ping", "/v2/health/live", "/v2/health/ready")
+HTTP_CODES = {413: "payload_too_large"}  # aiohttp's refusals, under the codes our own errors use
 
 
 def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -57,14 +66,15 @@ async def errors_as_json(
     try:
         return await handler(request)
     except FastInferError as error:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
+        retry_after_s = error.retry_after_s if isinstance(error, Overloaded) else RETRY_AFTER_S
+        headers = {"Retry-After": str(retry_after_s)} if error.status == 503 else None
         if error.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return _error(request, error.status, error.code, error.message, headers)
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        code = error.reason.lower().replace(" ", "_")
+        code = HTTP_CODES.get(error.status) or error.reason.lower().replace(" ", "_")
         message = error.text if error.text and not error.text.startswith(f"{error.status}:") else error.reason
         if error.status == 405:
             message = f"{request.method} is not allowed on {request.path}"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from fastinfer.errors import BadRequest, FastInferError
 from fastinfer.server.jsonbody import dumps as json_dumps
@@ -154,7 +155,7 @@ def parse_infer_request(body: bytes | memoryview, header_length: int | None) -> 
     else:
         binary_allowed = True
     try:
-        header = json.loads(bytes(view[:header_length]))
+        header = _loads(view[:header_length])
     except (ValueError, RecursionError) as error:
         hint = ""
         if not binary_allowed and str(error).startswith("Extra data"):
@@ -193,6 +194,15 @@ def parse_infer_request(body: bytes | memoryview, header_length: int | None) -> 
         # An empty list asks for every output, as in Triton.
         outputs = _parse_outputs(header["outputs"], binary_data_output) or None
     return InferRequest(request_id, inputs, outputs, binary_data_output, parameters)
+
+
+def _loads(document: memoryview) -> Any:
+    """JSON with orjson (a fifth of json's time, and no copy of the view); the json module only for
+    what orjson refuses, to accept NaN and Infinity as Python clients write them, and to word errors."""
+    try:
+        return orjson.loads(document)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(document))
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:

@@ -33,7 +33,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LISTENER_SETTINGS = ("host", "http_port", "management_port", "binary_port", "binary_socket")
-RELOADED_SETTINGS = ("models", "devices")
+# What a reload applies: the new workers and their batcher follow these. The listeners and their
+# limits belong to the front, which a reload keeps (the slot size with them: bodies must fit a slot).
+RELOADED_SETTINGS = (
+    "models",
+    "devices",
+    "batch_max_size",
+    "batch_max_delay_s",
+    "batch_max_runs",
+    "gpu_batch_max_size",
+    "gpu_batch_max_delay_s",
+    "queue_max_size",
+    "queue_max_delay_s",
+    "shm_slots_per_worker",
+    "max_image_pixels",
+    "worker_heartbeat_s",
+    "batch_timeout_s",
+    "restart_max_count",
+    "restart_window_s",
+    "worker_start_timeout_s",
+)
 READY_POLL_S = 0.05
 
 
@@ -116,7 +135,10 @@ class Service:
             self._warn_unapplied(config)
             registered = {k: v for k, v in supervisor.model_paths.items() if k not in self._config_models}
             models = {**registered, **config.model_paths()}
-            await supervisor.replace_workers(models, config.worker_count())
+            applied = dataclasses.replace(
+                self.server.config, **{name: getattr(config, name) for name in RELOADED_SETTINGS}
+            )
+            await supervisor.replace_workers(models, config.worker_count(), applied)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -145,7 +167,7 @@ class Service:
         if listeners:
             log.warning("reload cannot change the listeners; restart to apply: %s", ", ".join(listeners))
         if others:
-            log.warning("reload applies models and devices only; restart to apply: %s", ", ".join(others))
+            log.warning("reload does not apply these settings; restart to apply: %s", ", ".join(others))
 
     async def stop(self) -> None:
         """Shutdown begins: STOPPING=1, no more watchdog pings, no reload."""

@@ -1,7 +1,10 @@
 """The KServe v2 (Open Inference Protocol) routes: aiohttp glue around the sans-IO :mod:`.kserve` codec.
 
 An infer request whose batch dimension is N takes N rows of its model's batches, one per sample,
-so its samples batch with other requests' like any other; the outputs are stacked back in order.
+so its samples batch with other requests' like any other (any N: the metadata's batch dimension
+is -1); the outputs are stacked back in order. The body is received chunk by chunk into memory of
+the request's own, within the body timeout; a body past ``OFF_LOOP_BYTES`` is parsed (JSON with
+orjson, tensors converted) in a thread, so a large JSON body does not hold the event loop.
 Image models take encoded images, which KServe's numeric tensors cannot carry: they answer 400
 and point to ``/predictions``.
 """
@@ -17,14 +20,16 @@ from aiohttp import web
 from fastinfer import __version__
 from fastinfer.batcher import Row
 from fastinfer.config import Config
-from fastinfer.errors import BadRequest, FastInferError, RequestTimeout
+from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
+from fastinfer.protocol import aligned_buffer
 from fastinfer.server import kserve
-from fastinfer.server.http import MODEL_VERSION, RETRY_AFTER_S, check_version, timeout_from
+from fastinfer.server.http import MODEL_VERSION, RETRY_AFTER_S, check_version, read_body_into, timeout_from
 from fastinfer.signature import ModelSignature, TensorSpec
 from fastinfer.supervisor import Supervisor
 
 PLATFORM = "fastinfer_tvm"
 PROTOCOL = "v2"
+OFF_LOOP_BYTES = 64 << 10  # bodies past this are parsed in a thread (a thousand floats of JSON take ~0.2 ms)
 
 
 class V2Routes:
@@ -94,32 +99,27 @@ class V2Routes:
                 f"/predictions/{signature.name}"
             )
         header_length = kserve.parse_header_length(request.headers.get(kserve.HEADER_LENGTH))
-        try:
-            async with asyncio.timeout(self.config.body_timeout_s):
-                body = await request.read()  # 413 past client_max_size
-        except TimeoutError:
-            raise RequestTimeout(f"the body did not arrive within {self.config.body_timeout_s:g} s") from None
-        parsed = kserve.parse_infer_request(body, header_length)
+        timeout_s = timeout_from(request, self.config.request_timeout_s)
+        body = await self._receive(request)
+        if len(body) > OFF_LOOP_BYTES:
+            parsed, data = await asyncio.to_thread(decode, body, header_length, signature, self.config.queue_max_size)
+        else:
+            parsed, data = decode(body, header_length, signature, self.config.queue_max_size)
 
         # The body is read: look the model up again, in case its workers were replaced meanwhile.
         signature = self._signature(request)
         batcher = self.supervisor.batcher
-        max_batch = batcher.queues[signature.name].max_batch
-        kserve.validate_inputs(parsed, batched(signature.inputs, max_batch), max_batch)
-        kserve.validate_outputs(parsed, signature.outputs)
-        tensors = {tensor.name: tensor for tensor in parsed.inputs}
         samples = parsed.inputs[0].shape[0] if parsed.inputs else 1
-        timeout_s = timeout_from(request, self.config.request_timeout_s)
 
         rows: list[Row] = []
         try:
             for _ in range(samples):
                 rows.append(batcher.reserve(signature.name, timeout_s))
             for k, spec in enumerate(signature.inputs):
-                data = tensors[spec.name].raw_bytes()
+                raw = data[spec.name]
                 for i, row in enumerate(rows):
                     with row.input_view(k) as view:
-                        view[:] = data[i * spec.nbytes : (i + 1) * spec.nbytes]
+                        view[:] = raw[i * spec.nbytes : (i + 1) * spec.nbytes]
             sample_bytes = sum(spec.nbytes for spec in signature.inputs)
             for row in rows:
                 row.filled(sample_bytes)
@@ -135,6 +135,26 @@ class V2Routes:
             signature.name, MODEL_VERSION, parsed.id, outputs, parsed.outputs, parsed.binary_data_output
         )
         return web.Response(body=b"".join(parts), headers=headers)
+
+    async def _receive(self, request: web.Request) -> memoryview:
+        """The body, chunk by chunk into an aligned buffer (no join, no copy of aiohttp's)."""
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
+        buffer = aligned_buffer(limit if request.content_length is None else request.content_length)
+        too_long = lambda: PayloadTooLarge(f"the body is over the limit of {limit} bytes")  # noqa: E731
+        nbytes = await read_body_into(request, buffer, too_long, self.config.body_timeout_s)
+        return buffer[:nbytes]
+
+
+def decode(
+    body: memoryview, header_length: int | None, signature: ModelSignature, max_samples: int
+) -> tuple[kserve.InferRequest, dict[str, memoryview]]:
+    """Parse and check an infer request, and each input's bytes (sans-IO: runs in a thread for large bodies)."""
+    parsed = kserve.parse_infer_request(body, header_length)
+    kserve.validate_inputs(parsed, batched(signature.inputs, max_samples), max_samples)
+    kserve.validate_outputs(parsed, signature.outputs)
+    return parsed, {tensor.name: tensor.raw_bytes() for tensor in parsed.inputs}
 
 
 def batched(specs: tuple[TensorSpec, ...], max_batch: int) -> list[TensorSpec]:

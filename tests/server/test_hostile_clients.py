@@ -326,3 +326,41 @@ async def test_a_refused_connection_does_not_stall_the_listener(server):
             sock.close()
     await asyncio.sleep(1.5)  # the held ones idle out
     await serves_normally(server)
+
+
+async def test_the_binary_port_checks_the_version_and_counts_refusals(server):
+    metrics = server.supervisor.metrics
+    async with AsyncClient(binary_address(server), timeout_s=10) as client:
+        with pytest.raises(InferenceServerError) as wrong_version:
+            await client.infer("echo", {"input": SAMPLE}, version="7")
+        assert wrong_version.value.code == "model_not_found"
+        np.testing.assert_array_equal((await client.infer("echo", {"input": SAMPLE}, version="1"))["output"], SAMPLE)
+        with pytest.raises(InferenceServerError):
+            await client.infer("echo", {"input": np.zeros((1, 15), np.float32)})
+    assert metrics.requests[("echo", "binary", "model_not_found")] == 1
+    assert metrics.requests[("echo", "binary", "bad_request")] == 1
+    assert metrics.requests[("echo", "binary", "ok")] == 1
+    assert metrics.in_flight["binary"] == 0
+
+
+async def test_a_slow_upload_delays_no_other_request_of_its_model(tmp_path):
+    """A request's row once waited in its batch for its body, and the batch for it: one client that
+    sent 10 of 64 bytes held every other request of the model until the body timeout (30 s)."""
+    async with running_server(tmp_path, models=("echo=echo:float32:16",), body_timeout_s=30) as server:
+        slow_http = await asyncio.open_connection("127.0.0.1", server.http_port)
+        slow_http[1].write(b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\n\r\n" + bytes(10))
+        slow_binary = await asyncio.open_connection("127.0.0.1", server.binary.port)
+        slow_binary[1].write(stalled_request(samples=1))
+        await asyncio.sleep(0.2)
+        timeout = aiohttp.ClientTimeout(total=10)  # far below the 30 s the slow ones may take
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}", timeout=timeout) as session:
+
+            async def one() -> int:
+                async with session.post("/predictions/echo", data=SAMPLE.tobytes()) as response:
+                    return response.status
+
+            assert await asyncio.gather(*(one() for _ in range(16))) == [200] * 16
+        async with AsyncClient(binary_address(server), timeout_s=10) as client:
+            await asyncio.gather(*(client.infer("echo", {"input": SAMPLE}) for _ in range(16)))
+        for _, writer in (slow_http, slow_binary):
+            writer.close()

@@ -259,12 +259,12 @@ async def test_limits_body_timeout_header_timeout_and_connection_cap(tmp_path):
         for _, held_writer in held:
             held_writer.close()
 
-        # Headers, then a body that stalls: 408 once body_timeout_s is up, and the row goes back.
+        # Headers, then a body that stalls: 408 once body_timeout_s is up; meanwhile it holds no row.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /predictions/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\n\r\n" + b"\x00" * 10)
+        await asyncio.sleep(0.2)
+        assert pool.free_count == pool.slot_count, "a request takes a row only once its body is in"
         async with asyncio.timeout(5):
-            while pool.free_count == pool.slot_count:
-                await asyncio.sleep(0.01)  # the request holds its row while it waits for the body
             status, body = await read_response(reader)
         assert status == 408 and b"request_timeout" in body
         assert pool.free_count == pool.slot_count

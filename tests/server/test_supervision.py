@@ -174,3 +174,44 @@ def test_a_failure_while_answering_a_batch_leaves_the_worker_channel_open(caplog
     handle._on_lost()
     assert [type(error).__name__ for _, error in told] == ["NoneType", "WorkerDied"]
     assert caplog.text.count("answering a batch failed") == 2
+
+
+async def test_a_busy_front_loop_does_not_kill_healthy_workers(tmp_path):
+    """Workers are judged by their heartbeats: a front loop that was blocked for ten beats read
+    none meanwhile, which once got both healthy workers killed."""
+    server = await start(tmp_path, models=("echo=echo:float32:4",), devices="cpu:2")
+    try:
+        pids = [w.pid for w in server.supervisor.workers]
+        time.sleep(10 * server.config.worker_heartbeat_s)  # the loop does nothing else meanwhile
+        await asyncio.sleep(4 * server.config.worker_heartbeat_s)  # the watch runs again, twice
+        assert [w.pid for w in server.supervisor.workers] == pids
+        assert all(w.state == "ready" for w in server.supervisor.workers)
+    finally:
+        await stop(server)
+
+
+async def test_a_reload_applies_the_new_devices_and_batch_limits(tmp_path):
+    """A reload once started the new workers with the devices and batch limits of the start."""
+    import dataclasses
+
+    from fastinfer.server.service import Service
+    from fastinfer.server.systemd import Notifier
+
+    server = await start(tmp_path, models=("echo=echo:float32:4",), devices="cpu:1", batch_max_size=8)
+    try:
+        reloaded = dataclasses.replace(server.config, devices="cuda:0", gpu_batch_max_size=16)
+        service = Service(server, lambda: reloaded, Notifier(None))
+        launched = []
+        real_launch = server.supervisor._launch
+
+        def launch(generation):
+            launched.append((server.supervisor.config.device_list(), server.supervisor.config.batch_limits()))
+            real_launch(generation)
+
+        server.supervisor._launch = launch  # type: ignore[method-assign]
+        await service.reload()  # no GPU here: the new worker may fail; the old ones go on either way
+        assert launched == [(["cuda:0"], (16, reloaded.gpu_batch_max_delay_s))]
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as session:
+            assert (await post(session, "echo", 4))[0] == 200
+    finally:
+        await stop(server)

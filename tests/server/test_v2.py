@@ -123,7 +123,7 @@ FP32_16 = {"name": "input", "shape": [1, 16], "datatype": "FP32"}
             "binary_data_size 64",
         ),
         ("/v2/models/echo/infer", b"{}", {"Inference-Header-Content-Length": "99"}, 400, "Inference-Header"),
-        ("/v2/models/echo/infer", b"x" * ((1 << 16) + 1), {}, 413, "size"),
+        ("/v2/models/echo/infer", b"x" * ((1 << 16) + 1), {}, 413, "the limit is 65536"),
         ("/v2/models/nope/infer", *body([{**FP32_16, "data": [1.0] * 16}]), 404, "no model named 'nope'"),
         ("/v2/models/echo/versions/7/infer", *body([{**FP32_16, "data": [1.0] * 16}]), 404, "no version '7'"),
         ("/v2/models/echo/versions/1/nope", b"", {}, 404, "no route"),
@@ -171,3 +171,34 @@ async def test_model_not_ready_while_its_worker_restarts(server, http):
         assert response.status == 200
     async with http.get("/v2/health/live") as response:
         assert response.status == 200
+
+
+async def test_more_samples_than_a_batch_are_split_over_batches(http):
+    """The metadata says the batch dimension is -1: 25 samples on a model batched by 4 are served."""
+    data = np.arange(25 * 16, dtype=np.float32).reshape(25, 16)
+    request = {"inputs": [{"name": "input", "shape": [25, 16], "datatype": "FP32", "data": data.ravel().tolist()}]}
+    async with http.post("/v2/models/echo/infer", json=request) as response:
+        assert response.status == 200, await response.text()
+        (output,) = (await response.json())["outputs"]
+    assert output["shape"] == [25, 16]
+    np.testing.assert_array_equal(np.array(output["data"], np.float32).reshape(25, 16), data)
+
+
+async def test_a_large_json_body_is_parsed_off_the_loop(http, monkeypatch):
+    from fastinfer.server import v2
+
+    threads = []
+    real_to_thread = asyncio.to_thread
+
+    async def to_thread(function, *args):
+        threads.append(function.__name__)
+        return await real_to_thread(function, *args)
+
+    monkeypatch.setattr(v2.asyncio, "to_thread", to_thread)
+    monkeypatch.setattr(v2, "OFF_LOOP_BYTES", 1000)
+    data = [0.5] * 16
+    padding = " " * 2000  # a body past the bound: JSON allows any whitespace
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": data}]}) + padding
+    async with http.post("/v2/models/echo/infer", data=body.encode()) as response:
+        assert response.status == 200
+    assert threads == ["decode"]
