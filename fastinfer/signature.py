@@ -8,10 +8,12 @@ output's rows, every region 64-byte aligned so the worker can hand it to TVM wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastinfer.errors import BadRequest
 from fastinfer.preprocess import ImagePreprocess
 from fastinfer.shm import round_up
 
@@ -105,6 +107,47 @@ class ModelSignature:
             top_k=data.get("top_k", 0),
             batch_sizes=tuple(sizes) if sizes else None,
         )
+
+
+def samples_of(
+    specs: Sequence[TensorSpec],
+    given: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+    max_samples: int | None = None,
+    dtype_name: Callable[[np.dtype], str] = lambda dtype: dtype.name,
+) -> int:
+    """The number of samples a request's tensors (name, dtype, shape with the batch axis first)
+    carry, once checked against the model's inputs: the same names, dtypes and per-sample shapes (a
+    negative spec dimension matches any size), and one batch size from 1 to ``max_samples`` (None:
+    no bound). BadRequest otherwise. Every front checks tensors here, so the same request gets the
+    same answer on each (``dtype_name`` words dtypes in the protocol's vocabulary, as FP32 for KServe)."""
+    by_name = {spec.name: spec for spec in specs}
+    names = {name for name, _, _ in given}
+    taken = ", ".join(f'"{name}"' for name in by_name)
+    for name, _, _ in given:
+        if name not in by_name:
+            raise BadRequest(f'unexpected input "{name}"; the model takes {taken}')
+    for name in by_name:
+        if name not in names:
+            raise BadRequest(f'missing input "{name}"; the model takes {taken}')
+    samples: int | None = None
+    for name, dtype, shape in given:
+        spec = by_name[name]
+        if np.dtype(dtype) != np.dtype(spec.dtype):
+            have, want = dtype_name(np.dtype(dtype)), dtype_name(np.dtype(spec.dtype))
+            raise BadRequest(f'input "{name}" is {have} but the model takes {want}')
+        batch = f"1..{max_samples}" if max_samples is not None else "N"
+        expected = ",".join([batch, *(str(d) if d >= 0 else "-1" for d in spec.shape)])
+        mismatch = f'input "{name}" has shape [{",".join(map(str, shape))}] but the model takes [{expected}]'
+        if len(shape) != len(spec.shape) + 1:
+            raise BadRequest(mismatch)
+        if any(want >= 0 and have != want for have, want in zip(shape[1:], spec.shape, strict=True)):
+            raise BadRequest(mismatch)
+        if shape[0] < 1 or (max_samples is not None and shape[0] > max_samples):
+            raise BadRequest(mismatch)
+        if samples is not None and shape[0] != samples:
+            raise BadRequest(f'input "{name}" has batch size {shape[0]} but another input has {samples}')
+        samples = shape[0]
+    return samples or 1
 
 
 def cheapest_runs(signature: ModelSignature, rows: int, costs: dict[int, float]) -> list[tuple[int, int]]:

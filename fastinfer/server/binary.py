@@ -34,6 +34,7 @@ from fastinfer.batcher import Row
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge, RequestTimeout, Unauthorized
 from fastinfer.protocol import (
+    DTYPES,
     HEADER,
     MAGIC,
     SUPPORTED_VERSIONS,
@@ -52,7 +53,7 @@ from fastinfer.protocol import (
 )
 from fastinfer.server.access import token_matches
 from fastinfer.server.http import check_version
-from fastinfer.signature import ModelSignature
+from fastinfer.signature import ModelSignature, samples_of
 from fastinfer.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -493,22 +494,7 @@ def _envelope(signature: ModelSignature, request: Request, results: list) -> tup
 
 def _batch_of(signature: ModelSignature, request: Request) -> int:
     """The request's batch size, once its tensors are checked against the model's inputs."""
-    given = {spec.name: spec for spec in request.inputs}
-    expected = {spec.name for spec in signature.inputs}
-    if set(given) != expected:
-        raise BadRequest(f"model {signature.name} takes inputs {sorted(expected)}; the request has {sorted(given)}")
-    counts = set()
-    for spec in signature.inputs:
-        tensor = given[spec.name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape[1:]) != spec.shape or not tensor.shape:
-            raise BadRequest(
-                f"input {spec.name!r} is {spec.dtype} [N, {', '.join(map(str, spec.shape))}]; "
-                f"the request has {tensor.dtype} {list(tensor.shape)}"
-            )
-        counts.add(tensor.shape[0])
-    if len(counts) != 1 or min(counts) < 1:
-        raise BadRequest("the inputs must agree on a batch size of at least 1")
-    return counts.pop()
+    return samples_of(signature.inputs, [(t.name, DTYPES[t.dtype], t.shape) for t in request.inputs])
 
 
 def _copy_into_rows(rows: list[Row], request: Request, payload: memoryview) -> None:

@@ -336,52 +336,6 @@ def _parse_outputs(outputs_json: Any, binary_default: bool) -> list[RequestedOut
 # -- checking against the model ------------------------------------------------------------------
 
 
-def validate_inputs(
-    request: InferRequest, signature_inputs: Sequence[TensorSpec], max_batch: int | None = None
-) -> None:
-    """Check the request's inputs against the model's: names, dtypes and shapes (BadRequest if not).
-
-    With ``max_batch`` None the model takes exactly the shapes of its specs. With ``max_batch``
-    set the first dimension is the batch: each input's may be anything from 1 to ``max_batch``,
-    the same for every input, and the other dimensions must match the spec. A negative spec
-    dimension matches any size.
-    """
-    specs = {spec.name: spec for spec in signature_inputs}
-    given = {tensor.name for tensor in request.inputs}
-    taken = ", ".join(f'"{name}"' for name in specs)
-    for tensor in request.inputs:
-        if tensor.name not in specs:
-            raise BadRequest(f'unexpected input "{tensor.name}"; the model takes {taken}')
-    for name in specs:
-        if name not in given:
-            raise BadRequest(f'missing input "{name}"; the model takes {taken}')
-
-    batch: int | None = None
-    for tensor in request.inputs:
-        spec = specs[tensor.name]
-        where = f'input "{tensor.name}"'
-        if tensor.dtype != np.dtype(spec.dtype):
-            raise BadRequest(
-                f"{where} is {numpy_to_kserve(tensor.dtype)} but the model takes {numpy_to_kserve(spec.dtype)}"
-            )
-        expected = [str(d) if d >= 0 else "-1" for d in spec.shape]
-        if max_batch is not None and expected:
-            expected[0] = f"1..{max_batch}"
-        mismatch = f"{where} has shape {_shape_str(tensor.shape)} but the model takes [{','.join(expected)}]"
-        if len(tensor.shape) != len(spec.shape):
-            raise BadRequest(mismatch)
-        fixed = spec.shape if max_batch is None else spec.shape[1:]
-        dims = tensor.shape if max_batch is None else tensor.shape[1:]
-        if any(want >= 0 and have != want for have, want in zip(dims, fixed, strict=True)):
-            raise BadRequest(mismatch)
-        if max_batch is not None:
-            if not tensor.shape or not 1 <= tensor.shape[0] <= max_batch:
-                raise BadRequest(mismatch)
-            if batch is not None and tensor.shape[0] != batch:
-                raise BadRequest(f"{where} has batch size {tensor.shape[0]} but another input has {batch}")
-            batch = tensor.shape[0]
-
-
 def validate_outputs(request: InferRequest, signature_outputs: Sequence[TensorSpec]) -> None:
     """Check that every requested output is one the model gives (BadRequest if not)."""
     names = [spec.name for spec in signature_outputs]

@@ -24,7 +24,7 @@ from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
 from fastinfer.protocol import aligned_buffer
 from fastinfer.server import kserve
 from fastinfer.server.http import MODEL_VERSION, RETRY_AFTER_S, check_version, read_body_into, timeout_from
-from fastinfer.signature import ModelSignature, TensorSpec
+from fastinfer.signature import ModelSignature, TensorSpec, samples_of
 from fastinfer.supervisor import Supervisor
 
 PLATFORM = "fastinfer_tvm"
@@ -152,7 +152,8 @@ def decode(
 ) -> tuple[kserve.InferRequest, dict[str, memoryview]]:
     """Parse and check an infer request, and each input's bytes (sans-IO: runs in a thread for large bodies)."""
     parsed = kserve.parse_infer_request(body, header_length)
-    kserve.validate_inputs(parsed, batched(signature.inputs, max_samples), max_samples)
+    given = [(t.name, t.dtype, t.shape) for t in parsed.inputs]
+    samples_of(signature.inputs, given, max_samples, dtype_name=kserve.numpy_to_kserve)
     kserve.validate_outputs(parsed, signature.outputs)
     return parsed, {tensor.name: tensor.raw_bytes() for tensor in parsed.inputs}
 

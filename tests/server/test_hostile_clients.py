@@ -225,8 +225,8 @@ async def test_connections_past_the_limit_are_refused_with_an_error_frame(server
 @pytest.mark.parametrize(
     "envelope, reason",
     [
-        ({"model": "echo", "inputs": []}, "takes inputs"),
-        ({"model": "echo", "inputs": pack_tensors({"input": np.zeros((0, 16), np.float32)})[0]}, "batch size"),
+        ({"model": "echo", "inputs": []}, 'missing input "input"'),
+        ({"model": "echo", "inputs": pack_tensors({"input": np.zeros((0, 16), np.float32)})[0]}, "shape [0,16]"),
         ({"model": "echo", "image": {"offset": 0, "nbytes": 0}}, "takes tensors"),
         ({"model": "nope", "inputs": []}, "no model named"),
     ],

@@ -14,7 +14,6 @@ from fastinfer.errors import BadRequest, ModelNotFound
 from fastinfer.server.kserve import (
     HEADER_LENGTH,
     InferRequest,
-    InputTensor,
     RequestedOutput,
     build_infer_response,
     error_body,
@@ -24,10 +23,9 @@ from fastinfer.server.kserve import (
     parse_header_length,
     parse_infer_request,
     server_metadata,
-    validate_inputs,
     validate_outputs,
 )
-from fastinfer.signature import TensorSpec
+from fastinfer.signature import TensorSpec, samples_of
 
 Client = triton.InferenceServerClient
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
@@ -351,26 +349,16 @@ def test_deeply_nested_json_is_a_bad_request():
 
 # -- checking against the model ------------------------------------------------------------------
 
-SPECS = (TensorSpec("image", "float32", (4, 3, 8, 8)), TensorSpec("scale", "int64", (4, 1)))
+SPECS = (TensorSpec("image", "float32", (3, 8, 8)), TensorSpec("scale", "int64", (1,)))  # per sample
 
 
-def request_of(**shapes_and_dtypes: tuple[tuple[int, ...], str]) -> InferRequest:
-    inputs = [
-        InputTensor(name, np.dtype(dtype), shape, np.zeros(shape, dtype))
-        for name, (shape, dtype) in shapes_and_dtypes.items()
-    ]
-    return InferRequest(None, inputs, None)
-
-
-def test_validate_exact_shapes():
-    validate_inputs(request_of(image=((4, 3, 8, 8), "float32"), scale=((4, 1), "int64")), SPECS)
-    with pytest.raises(BadRequest, match=r'input "image" has shape \[2,3,8,8\] but the model takes \[4,3,8,8\]'):
-        validate_inputs(request_of(image=((2, 3, 8, 8), "float32"), scale=((4, 1), "int64")), SPECS)
+def given(**shapes_and_dtypes: tuple[tuple[int, ...], str]) -> list:
+    return [(name, np.dtype(dtype), shape) for name, (shape, dtype) in shapes_and_dtypes.items()]
 
 
 @pytest.mark.parametrize("batch", [1, 3, 4])
-def test_validate_batch_up_to_max(batch):
-    validate_inputs(request_of(image=((batch, 3, 8, 8), "float32"), scale=((batch, 1), "int64")), SPECS, max_batch=4)
+def test_samples_up_to_the_bound(batch):
+    assert samples_of(SPECS, given(image=((batch, 3, 8, 8), "float32"), scale=((batch, 1), "int64")), 4) == batch
 
 
 @pytest.mark.parametrize(
@@ -381,8 +369,11 @@ def test_validate_batch_up_to_max(batch):
             {"image": ((1, 3, 8, 8), "float32"), "scale": ((1, 1), "int64"), "extra": ((1,), "int8")},
             ['unexpected input "extra"', '"image", "scale"'],
         ),
-        ({"image": ((1, 3, 8, 8), "float64"), "scale": ((1, 1), "int64")}, ['input "image" is FP64', "takes FP32"]),
-        ({"image": ((1, 3, 8, 8), "float32"), "scale": ((1, 1), "int32")}, ['input "scale" is INT32', "INT64"]),
+        (
+            {"image": ((1, 3, 8, 8), "float64"), "scale": ((1, 1), "int64")},
+            ['input "image" is float64', "takes float32"],
+        ),
+        ({"image": ((1, 3, 8, 8), "float32"), "scale": ((1, 1), "int32")}, ['input "scale" is int32', "int64"]),
         ({"image": ((5, 3, 8, 8), "float32"), "scale": ((5, 1), "int64")}, ['"image"', "[5,3,8,8]", "[1..4,3,8,8]"]),
         ({"image": ((0, 3, 8, 8), "float32"), "scale": ((0, 1), "int64")}, ['"image"', "[0,3,8,8]"]),
         ({"image": ((1, 3, 8, 7), "float32"), "scale": ((1, 1), "int64")}, ['"image"', "[1,3,8,7]"]),
@@ -390,19 +381,19 @@ def test_validate_batch_up_to_max(batch):
         ({"image": ((2, 3, 8, 8), "float32"), "scale": ((3, 1), "int64")}, ['"scale"', "batch size 3", "2"]),
     ],
 )
-def test_validate_rejects(inputs, words):
+def test_samples_of_rejects(inputs, words):
     with pytest.raises(BadRequest) as caught:
-        validate_inputs(request_of(**inputs), SPECS, max_batch=4)
+        samples_of(SPECS, given(**inputs), 4)
     assert caught.value.status == 400
     for word in words:
         assert word in caught.value.message
 
 
-def test_validate_dynamic_spec_dim_matches_any_size():
-    specs = (TensorSpec("tokens", "int32", (1, -1)),)
-    validate_inputs(request_of(tokens=((1, 7), "int32")), specs)
-    with pytest.raises(BadRequest, match=r"takes \[1,-1\]"):
-        validate_inputs(request_of(tokens=((2, 7), "int32")), specs)
+def test_a_dynamic_spec_dim_matches_any_size_and_no_bound_says_n():
+    specs = (TensorSpec("tokens", "int32", (-1,)),)
+    assert samples_of(specs, given(tokens=((2, 7), "int32"))) == 2
+    with pytest.raises(BadRequest, match=r"takes \[N,-1\]"):
+        samples_of(specs, given(tokens=((2, 7, 1), "int32")))
 
 
 def test_validate_outputs():
