@@ -10,6 +10,7 @@ scripts/bench_serving.py:
 
 import json
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -27,6 +28,7 @@ _model = load_model(
 )
 _input = _model.signature.inputs[0]
 _batch = aligned_zeros((1, *_input.shape), _input.dtype)
+print("baseline ready", file=sys.stderr, flush=True)  # scripts/bench_serving.py waits for each worker's line
 
 
 @app.post("/predictions/<model>")
