@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_flags(serve)
     bench = commands.add_parser("bench", help="measure a running server: throughput and latency")
     _add_bench_flags(bench)
-    from fastinfer.archive.commands import add_archive_flags, add_inspect_flags
+    from fastinfer.archive.commands import add_archive_flags, add_inspect_flags, add_records_flags, add_tune_flags
 
     add_archive_flags(commands.add_parser("archive", help="compile an ONNX model into a model archive (.fia)"))
     add_inspect_flags(commands.add_parser("inspect", help="show what a model archive holds and how it was built"))
+    add_tune_flags(commands.add_parser("tune", help="tune an ONNX model's CPU code with MetaSchedule, resumably"))
+    add_records_flags(commands.add_parser("records", help="export or import tuning records (tune once, reuse on many)"))
     config_command = commands.add_parser("config", help="show the effective configuration")
     config_command.add_argument(
         "--print", action="store_true", required=True, help="print it as TOML, every option with its help and default"
@@ -52,10 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         from fastinfer.bench import run as run_bench
 
         return run_bench(args)
-    if args.command in ("archive", "inspect"):
-        from fastinfer.archive.commands import run_archive, run_inspect
+    if args.command in ("archive", "inspect", "tune", "records"):
+        from fastinfer.archive import commands as archive_commands
 
-        return run_archive(args) if args.command == "archive" else run_inspect(args)
+        run_command = {
+            "archive": archive_commands.run_archive,
+            "inspect": archive_commands.run_inspect,
+            "tune": archive_commands.run_tune,
+            "records": archive_commands.run_records,
+        }[args.command]
+        return run_command(args)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print", "template")}
 
     def load() -> Config:

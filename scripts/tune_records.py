@@ -4,6 +4,21 @@ This produced the records that ship in ``fastinfer/models/tuning/<level>/`` for 
 EfficientNet-Lite0. Run it niced: it takes every core for minutes.
 
     nice -n 19 python scripts/tune_records.py --mcpu x86-64-v4 --trials 8 --out DIR efficientnet:1 squeezenet:1
+
+Records for workers that run one thread each (``--devices cpu:N``) are tuned with ``--num-cores 1``
+into a folder of their own, and ship in ``<level>/1-core/``, which one-core targets prefer:
+
+    nice -n 19 python scripts/tune_records.py --mcpu x86-64-v4 --num-cores 1 --trials 64 --out DIR1 ...
+
+To ship a folder, gzip its two files into place (``-n``: no name or time stamp, so the same records
+give the same bytes)::
+
+    mkdir -p fastinfer/models/tuning/x86-64-v4/1-core
+    for f in database_workload.json database_tuning_record.json; do
+        gzip -9 -n -c DIR1/$f > fastinfer/models/tuning/x86-64-v4/1-core/$f.gz
+    done
+
+A run interrupted (Ctrl-C, or killed) keeps what it measured: run it again to go on.
 """
 
 from __future__ import annotations

@@ -76,6 +76,10 @@ class Manifest:
     # Libraries for further targets in the same archive (``--target cpu,cuda``): target kind ->
     # {"target": {...}, "libraries": {...}, "verified": {...}}; ``target``/``libraries`` are the first.
     more_targets: dict[str, dict] = field(default_factory=dict)
+    # What the model was built from: "onnx", or "torch.export" (a PyTorch program) with the PyTorch
+    # version that exported and checked it. Manifests from before these fields were ONNX builds.
+    source_format: str = "onnx"
+    torch_version: str | None = None
 
     def kinds(self) -> list[str]:
         """The target kinds this archive holds libraries for, the first one first."""
@@ -167,6 +171,8 @@ class Manifest:
                 files={path: FileEntry(**entry) for path, entry in data["files"].items()},
                 schema=schema,
                 more_targets=dict(data.get("more_targets") or {}),
+                source_format=str(data.get("source_format", "onnx")),
+                torch_version=data.get("torch_version"),
             )
             manifest.check_paths()
             return manifest

@@ -60,7 +60,8 @@ class BuildOptions:
     tune_trials: int = 0  # trials per task; 0: untuned unless stored records cover the model
     cache_dir: str = ""
     num_cores: int | None = None
-    use_stored_records: bool = False  # a tuned build from cached or shipped records alone, no search
+    use_stored_records: bool = False  # a tuned build from cached or shipped records alone: never searches
+    records_dir: str = ""  # the records folder to use ("": the cache's for the target, seeded from shipped)
     stream: TextIO | None = None
 
 
@@ -81,13 +82,15 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
     tuned = target["kind"] == "llvm" and (options.tune_trials > 0 or options.use_stored_records)
     sizes, served = _plan_batch_sizes(batch, options.batch_sizes, tuned)
     graph = for_tvm(model, served)  # what TVM compiles; refused here if it fixes batch 1 for good
-    preprocess = _preprocess(options.preprocess, model)  # bad options fail before minutes of compiling
+    preprocess = image_preprocess(options.preprocess, _input_specs(model)[0])  # fails before minutes of compiling
     labels = read_labels(options.labels_path) if options.labels_path else None
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        libraries, tuning_info = _compile(model, graph, target, sizes, tuned, options, staging, stream)
+        batches = ", ".join(str(size or "any") for size in sizes)
+        print(f"compiling for {targets.describe(target)}, batch {batches}", file=stream, flush=True)
+        libraries, tuning_info, tuning_detail = _compile(model, graph, target, sizes, tuned, options, staging, stream)
         verification = _verify(model, staging, libraries, target, stream)
         more = {}
         for extra in more_targets:  # further targets: untuned, one library with a symbolic batch axis
@@ -122,6 +125,7 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
                 "seconds": round(time.monotonic() - started, 1),
                 "verified": verification,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **({"tuning": tuning_detail} if tuning_detail else {}),
             },
             more_targets=more,
         )
@@ -129,6 +133,72 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Manifest.from_json(_read_manifest_text(output))
+
+
+@dataclass
+class TuneOptions:
+    """What ``fastinfer tune`` was asked for."""
+
+    target: str = "cpu"
+    num_cores: int | None = None
+    batch_sizes: tuple[int, ...] | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    trials_per_task: int = 64
+    total_trials: int | None = None  # None: trials_per_task for every task
+    time_budget_s: float | None = None
+    retune: bool = False
+    cache_dir: str = ""
+    records_dir: str = ""  # "": the cache's records folder for the target, as ``fastinfer archive`` uses
+    stream: TextIO | None = None
+
+
+def tune_onnx(onnx_path: str | Path, options: TuneOptions) -> tuple[Path, int]:
+    """Tune ``onnx_path`` at each batch size into its records folder, as ``fastinfer archive`` would
+    compile it; returns the folder and the number of tasks searched (0: its records covered it)."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    stream = options.stream or sys.stderr
+    try:
+        source = Path(onnx_path).read_bytes()
+    except OSError as error:
+        raise ArchiveError(f"cannot read {onnx_path}: {error.strerror}") from error
+    model = _load_onnx(source, str(onnx_path))
+    target = targets.resolve(options.target, options.num_cores)
+    if target["kind"] != "llvm":
+        raise ArchiveError("fastinfer tune tunes CPU (llvm) targets; CUDA archives use default GPU schedules")
+    _check_operators(model)
+    _apply_input_shapes(model, options.input_shapes)
+    sizes, served = _plan_batch_sizes(_batch_axis(model), options.batch_sizes, tuned=True)
+    graph = for_tvm(model, served)
+    records = records_folder(options.cache_dir, target, options.records_dir)
+    tuning.recover(records, stream)
+    if not options.records_dir:
+        _seed_records(records, target)  # what ships is not searched again
+    tvm_target = tvm.target.Target(target)
+    mods = []
+    for size in sizes:
+        try:
+            mod = from_onnx(with_batch(graph, size or BATCH), keep_params_in_input=False)
+        except Exception as error:
+            raise ArchiveError(f"TVM could not convert the model at batch {size}: {error}") from error
+        mods.append(tuning.pre_tuning(mod, tvm_target))
+    label = f"{Path(onnx_path).stem} (batch {', '.join(str(s) for s in sizes)})"
+    try:
+        tuned = tuning.tune(
+            mods,
+            tvm_target,
+            records,
+            options.trials_per_task,
+            label=label,
+            stream=stream,
+            total_trials=options.total_trials,
+            retune=options.retune,
+            time_budget_s=options.time_budget_s,
+        )
+    except Exception as error:  # what was measured is in the records already
+        raise ArchiveError(f"tuning failed: {error}; the records measured so far are kept in {records}") from error
+    return records, tuned
 
 
 def _read_manifest_text(path: Path) -> bytes:
@@ -228,15 +298,18 @@ def _compile(
     options: BuildOptions,
     staging: Path,
     stream: TextIO,
-) -> tuple[dict[int | None, str], Tuning | None]:
+) -> tuple[dict[int | None, str], Tuning | None, dict]:
     """Compile ``graph`` (``model`` made ready for TVM) once per entry of ``sizes``; returns archive
-    paths and the tuning summary."""
+    paths, the tuning summary, and which workloads each batch size runs (for ``inspect``)."""
     from tvm.relax.frontend.onnx import from_onnx
 
     libraries: dict[int | None, str] = {}
     (staging / "lib").mkdir()
-    records = _records_dir(options.cache_dir, target)
-    seeded = _seed_records(records, target) if tuned else ""
+    records = records_folder(options.cache_dir, target, options.records_dir)
+    seeded = ""
+    if tuned:
+        tuning.recover(records, stream)  # records a killed tuning run left behind
+        seeded = "" if options.records_dir else _seed_records(records, target)
     mods = {}
     for size in sizes:
         label = f"{options.name} batch {size or 'N'}"
@@ -255,17 +328,22 @@ def _compile(
             _plain_build(mod, target, staging / path, f"{options.name} batch {size or 'N'}", stream)
         libraries[size] = path
     if not tuned:
-        return libraries, None
+        return libraries, None, {}
     (staging / "tuning").mkdir()
-    _export_records(records, staging / "tuning", graph, target, [s for s in sizes if s is not None])
-    source = ",".join(filter(None, ["tuned" if tuned_now else "", f"shipped:{seeded}" if seeded else "cache"]))
-    return libraries, Tuning(
-        trials_per_task=options.tune_trials if tuned_now else 0,
-        tasks=tasks_total,
-        tasks_tuned_now=tuned_now,
-        workloads_file=f"tuning/{tuning.WORKLOADS_FILE}",
-        records_file=f"tuning/{tuning.RECORDS_FILE}",
-        records_source=source,
+    detail = _export_records(records, staging / "tuning", mods, target)
+    stored = f"shipped:{seeded}" if seeded else ("records folder" if options.records_dir else "cache")
+    source = ",".join(filter(None, ["tuned" if tuned_now else "", stored]))
+    return (
+        libraries,
+        Tuning(
+            trials_per_task=options.tune_trials if tuned_now else 0,
+            tasks=tasks_total,
+            tasks_tuned_now=tuned_now,
+            workloads_file=f"tuning/{tuning.WORKLOADS_FILE}",
+            records_file=f"tuning/{tuning.RECORDS_FILE}",
+            records_source=source,
+        ),
+        detail,
     )
 
 
@@ -381,24 +459,44 @@ def _modules(module: Any) -> Iterator[Any]:
         yield from _modules(imported)
 
 
+def _one_core(target: dict) -> bool:
+    return target.get("num-cores") == 1
+
+
 def _records_key(target: dict) -> str:
-    key = {k: v for k, v in target.items() if k != "num-cores"}  # records replay on any core count
+    # Records replay on any core count, but the best schedule for one thread (a worker of
+    # ``--devices cpu:N``) is not the best for several: one-core records are kept apart. Other
+    # core counts share one folder (their key is what it was before one-core folders existed).
+    key = {k: v for k, v in target.items() if k != "num-cores"}
+    if _one_core(target):
+        key["num-cores"] = 1
     return hashlib.sha256(json.dumps([key, _tvm_version()], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _records_dir(cache_dir: str, target: dict) -> Path:
     base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "fastinfer-tuning"
-    return base / "tuning" / f"{target.get('mcpu', target['kind'])}-{_records_key(target)}"
+    cores = "-1-core" if _one_core(target) else ""
+    return base / "tuning" / f"{target.get('mcpu', target['kind'])}{cores}-{_records_key(target)}"
+
+
+def records_folder(cache_dir: str, target: dict, records_dir: str = "") -> Path:
+    """Where the records for ``target`` are read and written: ``records_dir`` when given, else the
+    cache's folder for the target (the one ``fastinfer archive`` and ``fastinfer tune`` share)."""
+    return Path(records_dir) if records_dir else _records_dir(cache_dir, target)
 
 
 def shipped_records(target: dict) -> Path | None:
     """The folder of records that ship in the package for this target's CPU level, if any.
 
-    They are gzipped JSON databases (``database_*.json.gz``), a tenth of their plain size.
+    They are gzipped JSON databases (``database_*.json.gz``), a tenth of their plain size, in
+    ``<level>/`` (tuned for several cores) and, optionally, ``<level>/1-core/`` (tuned for one
+    thread): a one-core target takes the latter where it exists, else the former.
     """
     if target.get("kind") != "llvm" or not target.get("mcpu"):
         return None
     folder = SHIPPED_RECORDS / target["mcpu"]
+    if _one_core(target) and (folder / "1-core" / f"{tuning.RECORDS_FILE}.gz").exists():
+        return folder / "1-core"
     return folder if (folder / f"{tuning.RECORDS_FILE}.gz").exists() else None
 
 
@@ -426,7 +524,7 @@ def _seed_records(records: Path, target: dict) -> str:
         finally:
             shutil.rmtree(unpacked, ignore_errors=True)
         marker.touch()
-    return str(target["mcpu"])
+    return str(target["mcpu"]) + ("/1-core" if shipped.name == "1-core" else "")
 
 
 def _tune(mods: dict, target: dict, records: Path, options: BuildOptions, stream: TextIO) -> tuple[dict, int, int]:
@@ -438,7 +536,11 @@ def _tune(mods: dict, target: dict, records: Path, options: BuildOptions, stream
         prepared = {size: tuning.pre_tuning(mod, tvm_target) for size, mod in mods.items()}
         tasks = sum(len(tuning.all_tasks(mod, tvm_target)) for mod in prepared.values())
         tuned = 0
-        if options.tune_trials > 0:
+        if options.use_stored_records:  # never searches: tasks without records keep default schedules
+            database = tuning.load_database(records)
+            missing = sum(len(tuning.untuned_tasks(mod, tvm_target, database)) for mod in prepared.values())
+            print(f"{options.name}: stored records cover {tasks - missing} of {tasks} tasks", file=stream)
+        elif options.tune_trials > 0:
             sizes = ", ".join(str(s) for s in prepared)
             label = f"{options.name} (batch {sizes})"
             tuned = tuning.tune(
@@ -468,13 +570,15 @@ def _tuned_build(mod: Any, target: dict, records: Path, label: str, path: Path, 
         raise ArchiveError(f"TVM could not compile {label}: {error}") from error
 
 
-def _export_records(records: Path, dest: Path, graph: Any, target: dict, sizes: list[int]) -> None:
+def _export_records(records: Path, dest: Path, mods: dict, target: dict) -> dict:
+    """Write the best record of each task of ``mods`` (prepared for tuning, by batch size) to
+    ``dest``; returns, per batch size, its tasks' workloads and how often each runs, so that
+    ``inspect`` can tell from the archive's records how tuned each library is."""
     import tvm
-    from tvm.relax.frontend.onnx import from_onnx
 
     tvm_target = tvm.target.Target(target)
-    mods = [tuning.pre_tuning(from_onnx(with_batch(graph, s), keep_params_in_input=False), tvm_target) for s in sizes]
-    tuning.export_subset(mods, tvm_target, tuning.load_database(records), dest)
+    tuning.export_subset(list(mods.values()), tvm_target, tuning.load_database(records), dest)
+    return {"batches": {str(size): tuning.task_workloads(mod, tvm_target) for size, mod in mods.items()}}
 
 
 def _input_specs(model: Any) -> tuple[TensorSpec, ...]:
@@ -516,14 +620,18 @@ def _reference(model: Any, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarra
 
 
 def _reference_runner(model: Any) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], str]:
-    """A function running ``model`` with ONNX Runtime when installed, else with ``onnx.reference``."""
+    """A function running ``model`` with ONNX Runtime.
+
+    Not ``onnx.reference`` as a fallback: it computes opset-9 Softmax over 4-D tensors wrongly
+    (every class 1.0 for the onnx package's light SqueezeNet), so it would refuse correct archives.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
-        from onnx.reference import ReferenceEvaluator
-
-        evaluator = ReferenceEvaluator(model)
-        return (lambda feeds: list(evaluator.run(None, feeds))), "onnx.reference"
+        raise ArchiveError(
+            "archiving verifies the compiled model against ONNX Runtime, which is not installed: "
+            "pip install onnxruntime (a dependency of fastinfer)"
+        ) from None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # its failures reach us as exceptions; its warnings are noise here
@@ -550,6 +658,7 @@ def _verify(model: Any, staging: Path, libraries: dict[int | None, str], target:
         return {"skipped": reason, "checks": []}
     inputs = _input_specs(model)
     report: dict = {"tolerance": TOLERANCE, "checks": []}
+    print(f"verifying against ONNX Runtime ({targets.describe(target)})", file=stream, flush=True)
     for size, path in libraries.items():
         batches = [size] if size is not None else [1, 3]
         for batch in batches:
@@ -598,7 +707,8 @@ def _output_specs(
     return tuple(TensorSpec(n, o.dtype.name, tuple(o.shape[1:])) for n, o in zip(names, outputs, strict=True))
 
 
-def _preprocess(spec: str, model: Any) -> ImagePreprocess | None:
+def image_preprocess(spec: str, first: TensorSpec) -> ImagePreprocess | None:
+    """``--preprocess`` (imagenet, none, or a JSON file) checked against the model's first input."""
     if spec in ("", "none"):
         return None
     if spec == "imagenet":
@@ -615,7 +725,6 @@ def _preprocess(spec: str, model: Any) -> ImagePreprocess | None:
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ArchiveError(f"--preprocess {spec}: expected imagenet, none or a JSON file: {error}") from error
-    first = _input_specs(model)[0]
     if first.shape != pre.sample_shape() or np.dtype(first.dtype) != np.float32:
         raise ArchiveError(
             f"--preprocess makes float32 samples of shape {pre.sample_shape()}, but input {first.name!r} "

@@ -207,5 +207,6 @@ def describe(target: dict) -> str:
             parts.append(str(target[key]))
     text = " ".join(parts)
     if "num-cores" in target:
-        text += f", {target['num-cores']} cores"
+        cores = target["num-cores"]
+        text += f", {cores} core" + ("" if cores == 1 else "s")
     return text

@@ -10,24 +10,45 @@ per-build timeout, so one pathological candidate costs ``build_timeout_s``, not 
 Weights are constants in the module (``from_onnx(keep_params_in_input=False)``), so the layout
 rewrite that prepacking inserts is folded at compile time: the compiled ``main`` still takes only the
 model's inputs.
+
+Records survive interruptions. A run searches into a scratch database (``.tuning-*`` inside the
+records folder, which MetaSchedule appends to as each batch is measured) and merges it, pruned to
+the best record per workload, into the records folder when it ends, however it ends: done, out of
+time, Ctrl-C, or an exception. Only kill -9 (or a power cut) skips that merge; the scratch then
+stays behind, and the next run (or build) over the same folder merges it before it starts. A live
+run holds an flock on its scratch folder, so a concurrent run never takes another's scratch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 WORKLOADS_FILE = "database_workload.json"
 RECORDS_FILE = "database_tuning_record.json"
+SCRATCH_PREFIX = ".tuning-"
+RECORDS_LOCK = ".records.lock"
 
 
-def _import_intrinsics() -> None:
+def _init_build_worker() -> None:
+    _ignore_interrupts()
     import tvm.s_tir.tensor_intrin  # noqa: F401  (registers every target's tensor intrinsics: slow)
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches the whole process group; the tuner, not its helpers, decides what it means."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _make_builder_class() -> Any:
@@ -41,11 +62,10 @@ def _make_builder_class() -> Any:
     class KeptAliveBuilder(PyBuilder):
         """LocalBuilder's work, with worker processes that live for the whole tuning run."""
 
-        def __init__(self, *, max_workers: int, timeout_sec: float, progress: Progress) -> None:
+        def __init__(self, *, max_workers: int, timeout_sec: float) -> None:
             super().__init__()
             self.timeout_sec = timeout_sec
-            self.progress = progress
-            self._pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, initializer=_import_intrinsics)
+            self._pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, initializer=_init_build_worker)
 
         def build(self, build_inputs: list) -> list:
             results = []
@@ -57,7 +77,6 @@ def _make_builder_class() -> Any:
                     results.append(BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
                 else:
                     results.append(BuilderResult(None, f"build failed: {result.value}"))
-            self.progress.update(len(results), sum(1 for r in results if r.error_msg is not None))
             return results
 
         def close(self) -> None:
@@ -66,29 +85,221 @@ def _make_builder_class() -> Any:
     return KeptAliveBuilder
 
 
-class Progress:
-    """Prints one line per batch of built candidates: trials done of the budget, time left."""
+def _make_stoppable_search(inner: Any, stop: Stop) -> Any:
+    """``inner`` (a search strategy) that stops proposing candidates once ``stop`` says so.
 
-    def __init__(self, total_trials: int, label: str, stream: TextIO) -> None:
+    This is how a time budget and Ctrl-C end a run: MetaSchedule's ``tune_tasks`` has no time
+    budget, and an exception raised inside it would lose the batches already measured but not yet
+    collected (the task scheduler collects a batch's results, and only then stores them, when it
+    comes back to that task). A task whose strategy returns no candidates is finished; once every
+    task is, the scheduler collects what is still running, stores it, and returns normally. So a
+    stop costs at most the batches in flight, and loses none of them.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
+
+    @derived_object
+    class StoppableSearch(PySearchStrategy):
+        def __init__(self, inner: Any, stop: Stop) -> None:
+            super().__init__()
+            self.inner = inner
+            self.stop = stop
+
+        def _initialize_with_tune_context(self, context: Any) -> None:
+            self.inner._initialize_with_tune_context(context)
+
+        def pre_tuning(
+            self, max_trials: int, num_trials_per_iter: int, design_spaces: list, database: Any, cost_model: Any
+        ) -> None:
+            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+        def post_tuning(self) -> None:
+            self.inner.post_tuning()
+
+        def generate_measure_candidates(self) -> list | None:
+            return None if self.stop.requested() else self.inner.generate_measure_candidates()
+
+        def notify_runner_results(self, measure_candidates: list, results: list) -> None:
+            self.inner.notify_runner_results(measure_candidates, results)
+
+        def clone(self) -> Any:  # each task gets its own copy; all share the stop
+            return StoppableSearch(self.inner.clone(), self.stop)
+
+    return StoppableSearch(inner, stop)
+
+
+def _make_progress_callback(progress: Progress) -> Any:
+    """A measure callback that hands each measured batch to ``progress``."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class ProgressCallback(PyMeasureCallback):
+        def __init__(self, progress: Progress) -> None:
+            super().__init__()
+            self.progress = progress
+
+        def apply(
+            self,
+            task_scheduler: Any,
+            task_id: int,
+            measure_candidates: list,
+            builder_results: list,
+            runner_results: list,
+        ) -> None:
+            best = None
+            failed = 0
+            for built, ran in zip(builder_results, runner_results, strict=True):
+                if built.error_msg is not None or ran.error_msg is not None or not ran.run_secs:
+                    failed += 1
+                    continue
+                mean = sum(float(s) for s in ran.run_secs) / len(ran.run_secs)
+                best = mean if best is None else min(best, mean)
+            self.progress.measured(task_id, len(runner_results), failed, best)
+
+    return ProgressCallback(progress)
+
+
+class Stop:
+    """Whether a run should stop early, and why: its time budget is spent, or Ctrl-C was pressed."""
+
+    def __init__(self, deadline: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.deadline = deadline
+        self.clock = clock
+        self.reason = ""
+
+    def requested(self) -> bool:
+        if not self.reason and self.deadline is not None and self.clock() >= self.deadline:
+            self.reason = "time budget spent"
+        return bool(self.reason)
+
+
+@contextlib.contextmanager
+def _interrupt_stops(stop: Stop, stream: TextIO) -> Iterator[None]:
+    """The first Ctrl-C stops the search gracefully (records kept); a second one interrupts at once.
+
+    Only where Ctrl-C would raise KeyboardInterrupt anyway (the main thread, Python's own handler):
+    a process that ignores SIGINT (a server's worker) keeps ignoring it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield
+        return
+
+    def interrupted(signum: int, frame: Any) -> None:
+        if stop.reason == "interrupted":
+            raise KeyboardInterrupt
+        stop.reason = "interrupted"
+        print("\nstopping after the batches in flight (Ctrl-C again to stop at once)", file=stream, flush=True)
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12m05s``, ``2h03m``: short enough for a progress line."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Tuning progress: tasks, trials done of the budget, best estimated latency, elapsed, time left.
+
+    On a terminal it is one line, rewritten after every measured batch; elsewhere (a log file, a
+    server's log) one line every ``interval_s`` and one at the end, so that hours of tuning do not
+    bury the rest of the log. The estimated latency is the sum, over the tasks searched, of the
+    best mean run time measured for each times how often the model runs it.
+    """
+
+    def __init__(
+        self,
+        total_trials: int,
+        label: str,
+        stream: TextIO,
+        *,
+        weights: list[float] | None = None,
+        time_budget_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        terminal: bool | None = None,
+        interval_s: float = 60.0,
+        started: float | None = None,
+    ) -> None:
         self.total_trials = total_trials
         self.label = label
         self.stream = stream
+        self.weights = weights or []
+        self.time_budget_s = time_budget_s
+        self.clock = clock
+        self.terminal = _is_terminal(stream) if terminal is None else terminal
+        self.interval_s = interval_s
         self.done = 0
         self.failed = 0
-        self.started = time.monotonic()
+        self.best_s: dict[int, float] = {}  # task id -> best mean run time measured
+        self.started = clock() if started is None else started
+        self.last_shown = self.started
 
-    def update(self, built: int, failed: int) -> None:
-        self.done += built
+    def measured(self, task_id: int, trials: int, failed: int, best_s: float | None) -> None:
+        """One batch of ``trials`` candidates of task ``task_id`` measured; show it if it is time."""
+        self.done += trials
         self.failed += failed
-        elapsed = time.monotonic() - self.started
+        if best_s is not None and best_s < self.best_s.get(task_id, float("inf")):
+            self.best_s[task_id] = best_s
+        now = self.clock()
+        if self.terminal:
+            self.stream.write("\r" + self.line() + "\x1b[K")
+            self.stream.flush()
+        elif now - self.last_shown >= self.interval_s:
+            print(self.line(), file=self.stream, flush=True)
+            self.last_shown = now
+
+    def estimated_s(self) -> float:
+        """The sum over measured tasks of their best mean run time, weighted by their use."""
+        weights = self.weights
+        return sum(best * (weights[task] if task < len(weights) else 1.0) for task, best in self.best_s.items())
+
+    def line(self, ending: str = "") -> str:
+        elapsed = self.clock() - self.started
         fraction = min(1.0, self.done / max(1, self.total_trials))
-        left = f", about {elapsed / fraction - elapsed:.0f} s left" if fraction > 0 else ""
-        print(
-            f"tuning {self.label}: {self.done}/{self.total_trials} trials ({fraction:.0%}), "
-            f"{self.failed} failed builds, {elapsed:.0f} s{left}",
-            file=self.stream,
-            flush=True,
-        )
+        tasks = len(self.weights)
+        text = f"tuning {self.label}: {tasks} tasks, {self.done}/{self.total_trials} trials ({fraction:.0%})"
+        if self.best_s:
+            text += f", est. {self.estimated_s() * 1000:.3g} ms ({len(self.best_s)}/{tasks} tasks measured)"
+        if self.failed:
+            text += f", {self.failed} failed"
+        text += f", {_duration(elapsed)}"
+        if ending:
+            return f"{text}; {ending}"
+        left = [elapsed / fraction - elapsed] if fraction > 0 else []
+        if self.time_budget_s is not None:
+            left.append(self.time_budget_s - elapsed)
+        if left:
+            text += f", about {_duration(min(left))} left"
+        return text
+
+    def finish(self, ending: str) -> None:
+        """The last line, always shown (ending the updating line on a terminal)."""
+        if self.terminal:
+            self.stream.write("\r" + self.line(ending) + "\x1b[K\n")
+            self.stream.flush()
+        else:
+            print(self.line(ending), file=self.stream, flush=True)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def pre_tuning(mod: Any, target: Any) -> Any:
@@ -162,6 +373,9 @@ def tune(
     stream: TextIO | None = None,
     total_trials: int | None = None,
     retune: bool = False,
+    time_budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    terminal: bool | None = None,
 ) -> int:
     """Tune the tasks of ``mods`` missing from the database in ``records_dir``; keep the best of each.
 
@@ -170,13 +384,17 @@ def tune(
     database already covered the model, nothing ran). Only the best record per workload is written
     back, which keeps the database small enough to ship. ``total_trials`` below ``trials_per_task``
     times the task count lets the scheduler spend trials where latency gains most; ``retune`` searches
-    tasks that already have records too (a better record replaces the old one).
+    tasks that already have records too (a better record replaces the old one). ``time_budget_s``
+    stops the search once that much time (by ``clock``) has passed since the call; Ctrl-C stops it
+    too. Either way, and on any exception, what was measured is merged into ``records_dir``.
+    ``terminal`` forces the progress display's mode (default: whether ``stream`` is a terminal).
     """
-    import os
-
     from tvm.s_tir import meta_schedule as ms
 
     stream = stream or sys.stderr
+    started = clock()
+    stop = Stop(None if time_budget_s is None else started + time_budget_s, clock)
+    recover(records_dir, stream)
     database = load_database(records_dir)
     pick = all_tasks if retune else (lambda mod, target: untuned_tasks(mod, target, database))
     missing = _unique([task for mod in mods for task in pick(mod, target)])
@@ -184,48 +402,150 @@ def tune(
         return 0
     workers = workers or os.cpu_count() or 1
     total = min(total_trials or trials_per_task * len(missing), trials_per_task * len(missing))
+    budget = f", for at most {_duration(time_budget_s)}" if time_budget_s is not None else ""
     print(
-        f"tuning {label}: {len(missing)} tasks, up to {trials_per_task} trials each, {total} in all",
+        f"tuning {label}: {len(missing)} tasks, up to {trials_per_task} trials each, {total} in all{budget}",
         file=stream,
         flush=True,
     )
     per_round = _trials_per_round(trials_per_task, total, len(missing))
-    progress = Progress(total, label, stream)
-    work = Path(tempfile.mkdtemp(prefix=".tuning-", dir=records_dir))
+    work = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=records_dir))
     builder = None
-    try:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            extracted_tasks=missing, work_dir=str(work), seed=0, strategy=_search_strategy(per_round)
-        )
-        _quiet_task_loggers()  # MetaSchedule logs each task at INFO; the progress line says enough
-        builder = _make_builder_class()(max_workers=workers, timeout_sec=build_timeout_s, progress=progress)
-        runner = ms.runner.LocalRunner(timeout_sec=30.0)
-        for name in (WORKLOADS_FILE, RECORDS_FILE):  # the search starts from the best schedules known
-            shutil.copyfile(records_dir / name, work / name)
-        scratch = ms.database.JSONDatabase(work_dir=str(work))
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=str(work),
-            max_trials_global=total,
-            max_trials_per_task=trials_per_task,
-            num_trials_per_iter=per_round,
-            builder=builder,
-            runner=runner,
-            database=scratch,
-            cost_model=_cost_model(workers),
-            measure_callbacks="default",
-        )
-        merged = ms.database.MemoryDatabase()
-        database.dump_pruned(merged)
-        scratch.dump_pruned(merged)
-        _write_pruned(merged, records_dir)
-    finally:
-        if builder is not None:
-            builder.close()
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"tuning {label}: done in {time.monotonic() - progress.started:.0f} s", file=stream, flush=True)
+    progress = None
+    with _held(work), _interrupt_stops(stop, stream):
+        try:
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                extracted_tasks=missing,
+                work_dir=str(work),
+                seed=0,
+                strategy=_make_stoppable_search(_search_strategy(per_round), stop),
+            )
+            _quiet_task_loggers()  # MetaSchedule logs each task at INFO; the progress line says enough
+            progress = Progress(
+                total,
+                label,
+                stream,
+                weights=list(weights),
+                time_budget_s=time_budget_s,
+                clock=clock,
+                terminal=terminal,
+                started=started,
+            )
+            builder = _make_builder_class()(max_workers=workers, timeout_sec=build_timeout_s)
+            runner = ms.runner.LocalRunner(timeout_sec=30.0, initializer=_ignore_interrupts)
+            for name in (WORKLOADS_FILE, RECORDS_FILE):  # the search starts from the best schedules known
+                shutil.copyfile(records_dir / name, work / name)
+            scratch = ms.database.JSONDatabase(work_dir=str(work))
+            callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _make_progress_callback(progress)]
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(work),
+                max_trials_global=total,
+                max_trials_per_task=trials_per_task,
+                num_trials_per_iter=per_round,
+                builder=builder,
+                runner=runner,
+                database=scratch,
+                cost_model=_cost_model(workers),
+                measure_callbacks=callbacks,
+            )
+        except BaseException:
+            stop.reason = stop.reason or "failed"
+            raise
+        finally:
+            if builder is not None:
+                builder.close()
+            _merge_scratch(work, records_dir, stream)  # done, stopped or failed: keep what was measured
+            if progress is not None:
+                ending = f"stopped: {stop.reason}" if stop.reason else "done"
+                progress.finish(f"{ending}; records in {records_dir}")
     return len(missing)
+
+
+@contextlib.contextmanager
+def _held(folder: Path) -> Iterator[None]:
+    """Hold an flock on ``folder`` while a run uses it (see :func:`recover`)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _records_locked(records_dir: Path) -> Iterator[None]:
+    """Serialize read-merge-write cycles on one records folder across processes."""
+    records_dir.mkdir(parents=True, exist_ok=True)
+    with open(records_dir / RECORDS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _merge_scratch(work: Path, records_dir: Path, stream: TextIO) -> None:
+    """Merge a run's scratch database into ``records_dir`` and remove it; on failure leave it for
+    :func:`recover` to try again."""
+    try:
+        _drop_torn_lines(work)
+        with _records_locked(records_dir):
+            _merge_into(records_dir, [records_dir, work])
+    except Exception as error:
+        print(f"could not merge the tuning records in {work}: {error}; the next run tries again", file=stream)
+        return
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def recover(records_dir: Path, stream: TextIO | None = None) -> int:
+    """Merge the scratch databases that killed runs left in ``records_dir``; returns how many.
+
+    A live run holds an flock on its scratch folder, so only dead runs' scratch is taken.
+    """
+    found = 0
+    if not records_dir.is_dir():
+        return 0
+    for work in sorted(records_dir.glob(f"{SCRATCH_PREFIX}*")):
+        try:
+            fd = os.open(work, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run's
+            print(f"merging the records of an interrupted tuning run ({work.name})", file=stream or sys.stderr)
+            _merge_scratch(work, records_dir, stream or sys.stderr)
+            found += 1
+        finally:
+            os.close(fd)
+    return found
+
+
+def _drop_torn_lines(folder: Path) -> None:
+    """Remove what a kill mid-write leaves in a JSON database: a last line cut short, and records
+    whose workload line was lost with it, so that TVM can load the rest."""
+    workloads_path, records_path = folder / WORKLOADS_FILE, folder / RECORDS_FILE
+    workloads = [line for line in _json_lines(workloads_path) if isinstance(line, list) and len(line) == 2]
+    records = [
+        line
+        for line in _json_lines(records_path)
+        if isinstance(line, list) and len(line) == 2 and isinstance(line[0], int) and 0 <= line[0] < len(workloads)
+    ]
+    workloads_path.write_text("".join(json.dumps(line) + "\n" for line in workloads))
+    records_path.write_text("".join(json.dumps(line) + "\n" for line in records))
+
+
+def _json_lines(path: Path) -> list:
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text(errors="replace").splitlines():
+        try:
+            lines.append(json.loads(text))
+        except ValueError:
+            continue
+    return lines
 
 
 def _trials_per_round(trials_per_task: int, total: int, tasks: int) -> int:
@@ -326,11 +646,16 @@ def all_tasks(mod: Any, target: Any) -> list:
 
 def merge(source_dir: Path, records_dir: Path) -> None:
     """Add the records in ``source_dir`` to the database in ``records_dir``, keeping the best of each."""
+    with _records_locked(records_dir):
+        _merge_into(records_dir, [records_dir, source_dir])
+
+
+def _merge_into(records_dir: Path, sources: list[Path]) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     merged = ms.database.MemoryDatabase()
-    load_database(records_dir).dump_pruned(merged)
-    load_database(source_dir).dump_pruned(merged)
+    for source in sources:
+        load_database(source).dump_pruned(merged)
     _write_pruned(merged, records_dir)
 
 
@@ -354,3 +679,33 @@ def export_subset(mods: list, target: Any, database: Any, dest: Path) -> int:
     for name in (WORKLOADS_FILE, RECORDS_FILE):
         (dest / name).touch()
     return count
+
+
+def task_workloads(mod: Any, target: Any) -> dict[str, int]:
+    """The workloads of ``mod``'s tuning tasks, as the JSON database keys them (structural hash),
+    each with how many times the model runs it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    keys = ms.database.MemoryDatabase()  # hashes the workloads without writing anything
+    workloads: dict[str, int] = {}
+    for task in all_tasks(mod, target):
+        key = str(keys.commit_workload(task.dispatched[0]).as_json()[0])
+        workloads[key] = workloads.get(key, 0) + int(task.weight)
+    return workloads
+
+
+def estimated_latency(workloads: dict[str, int], workloads_json: str, records_json: str) -> tuple[int, float]:
+    """How many of ``workloads`` have a record in a JSON database's text, and the sum over those of
+    the best record's mean run time (seconds) times the workload's use. Plain JSON: no TVM needed."""
+    keys = [line[0] for line in _parse_lines(workloads_json)]
+    best: dict[str, float] = {}
+    for index, (_, run_secs, *_) in _parse_lines(records_json):
+        if run_secs and 0 <= index < len(keys):
+            mean = sum(run_secs) / len(run_secs)
+            best[keys[index]] = min(mean, best.get(keys[index], float("inf")))
+    covered = [key for key in workloads if key in best]
+    return len(covered), sum(best[key] * workloads[key] for key in covered)
+
+
+def _parse_lines(text: str) -> list:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
+import time
 from importlib import resources
 from pathlib import Path
+from typing import TextIO, cast
 
 from fastinfer import cache
 from fastinfer.errors import ModelLoadError
 from fastinfer.preprocess import ImagePreprocess
 
 TOP_K = 5
+NAME = "efficientnet_lite0"
+
+log = logging.getLogger(__name__)
+
+
+class _LogLines(io.TextIOBase):
+    """A text stream that logs each line written to it at INFO, with the seconds since it was made:
+    the archive builder's progress, in a server's log. Not a terminal, so tuning progress comes a
+    line a minute."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.started = time.monotonic()
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                log.info("%s%s (%.0f s)", self.prefix, line.strip(), time.monotonic() - self.started)
+        return len(text)
 
 
 def weights_path() -> str:
@@ -68,8 +94,6 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
     this host's portable CPU level (no search runs); otherwise MetaSchedule tunes it here first,
     printing its progress, and the records are kept in the cache for later builds.
     """
-    import sys
-
     import tvm
 
     from fastinfer.archive import pack
@@ -86,12 +110,21 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
     with cache.building(path):  # the build stages hidden files beside ``path``
         if not path.exists():
             shipped = pack.shipped_records(target) is not None
+            cores = target["num-cores"]
+            log.info(
+                "model %s: compiling for llvm %s, %d core%s (first start; cached after)",
+                NAME,
+                target["mcpu"],
+                cores,
+                "" if cores == 1 else "s",
+            )
             if not shipped:
-                print(
-                    f"no shipped tuning records for {targets.describe(target)}: tuning EfficientNet-Lite0 "
-                    f"here ({FALLBACK_TUNE_TRIALS} trials per task); this takes a while, once",
-                    file=sys.stderr,
-                    flush=True,
+                log.warning(
+                    "model %s: no shipped tuning records for %s: tuning it here (%d trials per task); "
+                    "this takes a while, once",
+                    NAME,
+                    targets.describe(target),
+                    FALLBACK_TUNE_TRIALS,
                 )
             labels = path.parent / "imagenet-labels.txt"
             labels.write_text("\n".join(imagenet_labels()) + "\n", "utf-8")
@@ -102,7 +135,7 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
                 onnx_file,
                 path,
                 pack.BuildOptions(
-                    name="efficientnet_lite0",
+                    name=NAME,
                     labels_path=str(labels),
                     top_k=TOP_K,
                     preprocess=str(preprocess_file),
@@ -110,7 +143,8 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
                     batch_sizes=BATCH_SIZES,
                     tune_trials=0 if shipped else FALLBACK_TUNE_TRIALS,
                     cache_dir=str(cache_dir),
-                    use_stored_records=True,
+                    use_stored_records=shipped,  # with records shipped, never search: serve soon
+                    stream=cast(TextIO, _LogLines(f"model {NAME}: ")),
                 ),
             )
     return path

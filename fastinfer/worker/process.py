@@ -18,6 +18,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from fastinfer.errors import FastInferError
@@ -80,13 +81,16 @@ def serve(channel: BlockingChannel, slot_fd: int) -> int:
     slots = SlotMap(slot_fd, init["slot_count"], init["slot_bytes"])
     slots.open()
     try:
+        started = time.monotonic()
         models = {name: _load(name, path, init) for name, path in init["models"].items()}
         layouts = {
             name: BatchLayout.for_slot(model.signature, init["batch_limit"], init["slot_bytes"])
             for name, model in models.items()
         }
         for name, model in models.items():
+            log.info("model %s: warming up (%.0f s)", name, time.monotonic() - started)
             model.warm_up(layouts[name].rows)
+        log.info("models loaded and warm in %.0f s", time.monotonic() - started)
         if init.get("device", "cpu") != "cpu":
             _pin_slots(slots, init["slot_count"] * init["slot_bytes"])
     except (FastInferError, ValueError) as error:
@@ -110,6 +114,7 @@ def _load(name: str, path: str, init: dict) -> LoadedModel:
     """Load one model; its errors name it, so the front can say which model cannot be served."""
     from fastinfer.worker.model import load_model  # after _own_cores(): TVM is imported inside
 
+    log.info("model %s: loading %s", name, path or "the default model")
     try:
         return load_model(
             name,

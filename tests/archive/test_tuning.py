@@ -1,16 +1,20 @@
-"""A tiny MetaSchedule run through the archive builder, and its records reused without tuning again."""
+"""Tuning: one tiny MetaSchedule run (`fastinfer tune`, stopped by its time budget), its records
+reused by `fastinfer archive --stored-records-only` and shown by `inspect`; the rest without a search."""
 
 from __future__ import annotations
 
+import functools
 import io
-import zipfile
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fastinfer import cli
+from fastinfer.archive import tuning
 from fastinfer.archive.load import load
-from fastinfer.archive.pack import BuildOptions, build_archive
+from fastinfer.archive.manifest import Manifest
 from fastinfer.worker.model import aligned_zeros
 from fastinfer.worker.runtime import TvmArchiveRuntime
 
@@ -28,27 +32,120 @@ def dense_model(path):
     return weight
 
 
-def test_tune_then_reuse_the_records(tmp_path):
+@pytest.mark.timeout(900)  # builder processes import TVM's tensor intrinsics first: minutes on a busy host
+def test_tune_within_a_time_budget_then_build_from_the_records_alone(tmp_path, monkeypatch, capsys):
     weight = dense_model(tmp_path / "dense.onnx")
-    options = dict(name="dense", tune_trials=2, batch_sizes=(1, 2), cache_dir=str(tmp_path / "cache"))
-    log = io.StringIO()
-    first = build_archive(tmp_path / "dense.onnx", tmp_path / "a.fia", BuildOptions(**options, stream=log))
-    assert first.tuning is not None and first.tuning.tasks_tuned_now > 0 and first.tuning.trials_per_task == 2
-    assert "trials (" in log.getvalue(), "no progress was shown"
-    assert set(first.libraries) == {"1", "2"}
-    with zipfile.ZipFile(tmp_path / "a.fia") as archive:
-        assert {"tuning/database_workload.json", "tuning/database_tuning_record.json"} <= set(archive.namelist())
-        assert archive.read("tuning/database_tuning_record.json").strip()
+    records = tmp_path / "records"
+    # The clock jumps past the budget once both tasks' first batches are measured: the search must
+    # stop there (8 of the 12 trials) instead of spending the rest.
+    now = [0.0]
+    batches = []
+    measured = tuning.Progress.measured
 
-    log = io.StringIO()
-    second = build_archive(tmp_path / "dense.onnx", tmp_path / "b.fia", BuildOptions(**options, stream=log))
-    assert second.tuning is not None and second.tuning.tasks_tuned_now == 0, "the same model was tuned again"
-    assert "trials (" not in log.getvalue()
+    def measured_then_late(self, *args):
+        measured(self, *args)
+        batches.append(args)
+        now[0] = 1e6 if len(batches) >= 2 else 0.0
 
-    loaded = load(tmp_path / "b.fia", tmp_path / "cache")
-    runtime = TvmArchiveRuntime(loaded.library_paths(), second.inputs, second.outputs, second.batch_sizes)
+    monkeypatch.setattr(tuning.Progress, "measured", measured_then_late)
+    monkeypatch.setattr(tuning, "tune", functools.partial(tuning.tune, clock=lambda: now[0], terminal=False))
+    tune_args = ["tune", str(tmp_path / "dense.onnx"), "--batch-sizes", "1,2", "--records", str(records)]
+    code = cli.main([*tune_args, "--trials-per-task", "8", "--trials", "12", "--tune-time", "30m"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 tasks, 8/12 trials" in err and "stopped: time budget spent" in err, err
+    assert tuning.database_summary(records) == {"workloads": 2, "records": 2}
+    assert not list(records.glob(".tuning-*")), "the scratch database was left behind"
+
+    assert cli.main(tune_args) == 0
+    assert "nothing to tune" in capsys.readouterr().out, "a second run searched again"
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("--stored-records-only tuned")
+
+    monkeypatch.setattr(tuning, "tune", no_tuning)
+    archive = tmp_path / "dense.fia"
+    build = ["archive", str(tmp_path / "dense.onnx"), "--name", "dense", "--batch-sizes", "1,2", "-o", str(archive)]
+    assert cli.main([*build, "--stored-records-only", "--records", str(records)]) == 0
+    out = capsys.readouterr().out
+    manifest = Manifest.from_json(load(archive, tmp_path / "cache").manifest.to_json())
+    assert manifest.tuning is not None and manifest.tuning.tasks_tuned_now == 0
+    for size in (1, 2):
+        assert f"batch {size}: 1 tasks, 1 with records, estimated " in out, out
+
+    loaded = load(archive, tmp_path / "cache")
+    runtime = TvmArchiveRuntime(loaded.library_paths(), manifest.inputs, manifest.outputs, manifest.batch_sizes)
     runtime.load()
     x = aligned_zeros((2, 32), "float32")
     x[:] = np.random.default_rng(2).standard_normal((2, 32))
     (y,) = runtime.run([x])
     np.testing.assert_allclose(y, np.maximum(x @ weight, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_progress_on_a_terminal_rewrites_one_line():
+    stream = io.StringIO()
+    now = [100.0]
+    progress = tuning.Progress(40, "m", stream, weights=[1.0, 2.0], clock=lambda: now[0], terminal=True)
+    now[0] = 110.0
+    progress.measured(0, 10, 1, 0.002)
+    now[0] = 120.0
+    progress.measured(1, 10, 0, 0.001)
+    progress.measured(1, 0, 0, 0.003)  # a worse result does not replace the best
+    progress.finish("done")
+    lines = stream.getvalue().split("\r")[1:]
+    assert len(lines) == 4 and stream.getvalue().count("\n") == 1
+    assert lines[0].startswith("tuning m: 2 tasks, 10/40 trials (25%), est. 2 ms (1/2 tasks measured), 1 failed, 10 s")
+    assert "about 30 s left" in lines[0]  # a quarter of the trials in 10 s
+    assert "20/40 trials (50%), est. 4 ms (2/2 tasks measured)" in lines[1]  # 2 ms + 2 x 1 ms
+    assert lines[3].endswith("20 s; done\x1b[K\n")
+
+
+def test_progress_elsewhere_is_a_line_a_minute_and_one_at_the_end():
+    stream = io.StringIO()
+    now = [0.0]
+    progress = tuning.Progress(
+        100, "m", stream, weights=[1.0], time_budget_s=90.0, clock=lambda: now[0], terminal=False
+    )
+    for second in (10, 50, 59):
+        now[0] = second
+        progress.measured(0, 1, 0, 0.001)
+    assert stream.getvalue() == ""
+    now[0] = 61
+    progress.measured(0, 1, 0, 0.001)
+    now[0] = 100
+    progress.measured(0, 1, 0, 0.001)
+    assert stream.getvalue().count("\n") == 1
+    assert "4/100 trials" in stream.getvalue() and "about 29 s left" in stream.getvalue()  # the budget's end
+    now[0] = 125
+    progress.measured(0, 1, 0, 0.001)
+    progress.finish("stopped: time budget spent")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in stream.getvalue()
+    assert lines[1].startswith("tuning m: 1 tasks, 6/100 trials")
+    assert lines[2].endswith("2m05s; stopped: time budget spent")
+
+
+def test_stop_after_its_deadline_or_when_interrupted():
+    import os
+    import signal
+
+    now = [0.0]
+    stop = tuning.Stop(10.0, lambda: now[0])
+    assert not stop.requested()
+    now[0] = 10.0
+    assert stop.requested() and stop.reason == "time budget spent"
+    assert not tuning.Stop(None, lambda: 1e9).requested()
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop = tuning.Stop(None)
+        stream = io.StringIO()
+        with tuning._interrupt_stops(stop, stream):
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop gracefully
+            assert stop.requested() and stop.reason == "interrupted"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+        assert "Ctrl-C again" in stream.getvalue()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -133,7 +133,7 @@ def test_kill_9_of_every_process_leaves_no_shared_memory(tmp_path):
     import os
 
     before = set(os.listdir("/dev/shm"))
-    process, (http_port, management_port) = start_server(tmp_path)
+    process, (_, management_port) = start_server(tmp_path)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{management_port}/models/echo", timeout=10) as response:
             worker_pids = [w["pid"] for w in json.load(response)["workers"]]
