@@ -47,6 +47,13 @@ def _own_cores(cores: list[int]) -> None:
     os.environ["TVM_NUM_THREADS"] = str(max(1, len(cores)))
 
 
+def _without_torch() -> None:
+    """Make PyTorch unimportable here: TVM's FFI imports it at its own import when it is installed
+    (seconds of start-up and hundreds of MB per worker), and a worker never uses it — archives are
+    compiled; a PyTorch program is converted by ``fastinfer archive``, not by the server."""
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]  # None: "import torch" fails
+
+
 def _pin_slots(slots: SlotMap, nbytes: int) -> None:
     """Page-lock the slot segment for the GPU's copies (best effort; see fastinfer.worker.cuda)."""
     import numpy as np
@@ -77,6 +84,7 @@ def serve(channel: BlockingChannel, slot_fd: int) -> int:
         return 0
     configure_logging(init["log_level"], prefix=f"worker[{init['index']}] ")
     _own_cores(init["cores"])
+    _without_torch()
 
     slots = SlotMap(slot_fd, init["slot_count"], init["slot_bytes"])
     slots.open()
