@@ -4,8 +4,7 @@ import os
 
 __version__ = "0.1.0"
 
-# TVM's FFI imports PyTorch at its own import when PyTorch is installed (for a faster DLPack path,
-# compiled on first use), which adds seconds to every worker's start and to every build. fastinfer
-# hands TVM numpy arrays, never torch tensors, so it asks for none of that; set the variable to 0
-# to have it anyway.
+# Where PyTorch is installed, TVM's FFI loads (and on first use compiles) an extension for faster
+# DLPack exchange with torch tensors at its own import. fastinfer hands TVM numpy arrays, never
+# torch tensors: it needs none of that. (Workers also keep PyTorch itself out: worker/process.py.)
 os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
