@@ -39,6 +39,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum, StrEnum
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,7 +48,35 @@ from fastinfer.errors import BadRequest, DeadlineExceeded, FastInferError, Overl
 from fastinfer.shm import SlotPool, SlotsExhausted
 from fastinfer.signature import BatchLayout, ModelSignature
 
-FILLING, READY, VOID = "filling", "ready", "void"
+
+class RowState(Enum):
+    """A row's payload: on its way (FILLING), in (READY), or given up (VOID)."""
+
+    FILLING = "filling"
+    READY = "ready"
+    VOID = "void"
+
+
+class BatchState(Enum):
+    """A batch: taking rows (OPEN), closed to more (SEALED), with its worker (SENT), answered (DONE)."""
+
+    OPEN = "open"
+    SEALED = "sealed"
+    SENT = "sent"
+    DONE = "done"
+
+
+class WorkerState(StrEnum):
+    """A worker handle's life: STOPPED -> STARTING -> READY -> DEAD (-> STARTING ...), or FAILED.
+
+    A ``StrEnum``, as health reports show it: the JSON keeps the plain words.
+    """
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    DEAD = "dead"
+    FAILED = "failed"
 
 
 BatchDone = Callable[[dict[str, Any] | None, FastInferError | None], None]  # (reply, None) or (None, error)
@@ -55,7 +84,7 @@ BatchDone = Callable[[dict[str, Any] | None, FastInferError | None], None]  # (r
 
 class Worker(Protocol):
     @property
-    def state(self) -> str: ...
+    def state(self) -> WorkerState: ...
 
     @property
     def in_flight(self) -> int: ...
@@ -80,7 +109,7 @@ class Row:
         self.index = index
         self.deadline_s = deadline_s
         self.image_slot = image_slot
-        self.state = FILLING
+        self.state = RowState.FILLING
         self.nbytes = 0
         self.released = False
         self.outcome: RowResult | FastInferError | None = None
@@ -141,8 +170,8 @@ class Row:
                 f"the body has {nbytes}"
             )
         self.nbytes = nbytes
-        if self.state == FILLING:
-            self.state = READY
+        if self.state is RowState.FILLING:
+            self.state = RowState.READY
             batch = self.batch
             batch.filling -= 1
             if batch.full and batch.complete:
@@ -159,14 +188,11 @@ class Row:
         self.batch.row_released()
 
     def _give_up(self) -> None:
-        if self.batch.state in (OPEN, SEALED) and self.state != VOID:
-            if self.state == FILLING:
+        if self.batch.state in (BatchState.OPEN, BatchState.SEALED) and self.state is not RowState.VOID:
+            if self.state is RowState.FILLING:
                 self.batch.filling -= 1
-            self.state = VOID
+            self.state = RowState.VOID
             self.batch.queue.batcher.pump_soon()
-
-
-OPEN, SEALED, SENT, DONE = "open", "sealed", "sent", "done"
 
 
 class Batch:
@@ -179,7 +205,7 @@ class Batch:
         self.sent_s = 0.0
         self.rows: list[Row] = []
         self.filling = 0  # rows whose payload is still on its way
-        self.state = OPEN
+        self.state = BatchState.OPEN
         self._released = 0
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._timer_at_s = math.inf
@@ -207,7 +233,7 @@ class Batch:
                     row.expire()
                 else:
                     later.append(row.deadline_s)
-        if later and self.state != DONE:
+        if later and self.state is not BatchState.DONE:
             self._arm_deadline(min(later))
 
     @property
@@ -224,14 +250,14 @@ class Batch:
 
     def message(self) -> dict[str, Any]:
         images = [
-            [row.image_slot, row.nbytes] if row.state == READY and row.image_slot is not None else None
+            [row.image_slot, row.nbytes] if row.state is RowState.READY and row.image_slot is not None else None
             for row in self.rows
         ]
         return {"model": self.queue.signature.name, "slot": self.slot, "rows": len(self.rows), "images": images}
 
     def finish(self, reply: dict | None, error: FastInferError | None) -> None:
         """Settle each live row with its result or error; free the slots once all rows are released."""
-        self.state = DONE
+        self.state = BatchState.DONE
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
@@ -242,7 +268,7 @@ class Batch:
             outputs_by_row = [layout.output_array(self.view, i, count) for i in range(len(layout.output_offsets))]
         outcomes: list[tuple[Row, RowResult | FastInferError]] = []
         for row in self.rows:
-            if row.outcome is not None or row.state == VOID:
+            if row.outcome is not None or row.state is RowState.VOID:
                 continue
             if batch_error is not None:
                 outcomes.append((row, batch_error))
@@ -264,7 +290,7 @@ class Batch:
         self._free_if_done()
 
     def _free_if_done(self) -> None:
-        if self.state != DONE or self._released < len(self.rows) or self.view is None:
+        if self.state is not BatchState.DONE or self._released < len(self.rows) or self.view is None:
             return
         self.view.release()
         self.view = None  # type: ignore[assignment]
@@ -294,7 +320,7 @@ class ModelQueue:
 
     @property
     def open_batch(self) -> Batch | None:
-        if self.batches and self.batches[-1].state == OPEN:
+        if self.batches and self.batches[-1].state is BatchState.OPEN:
             return self.batches[-1]
         return None
 
@@ -370,7 +396,7 @@ class Batcher:
             )
         batch = queue.open_batch
         if batch is not None and batch.fills_a_run and self._room_for_another_batch():
-            batch.state = SEALED
+            batch.state = BatchState.SEALED
             batch = None
         now = self.now()
         image_slot = None
@@ -388,19 +414,19 @@ class Batcher:
         batch.add_row(row)
         queue.waiting_rows += 1
         if batch.full:
-            batch.state = SEALED
+            batch.state = BatchState.SEALED
         return row
 
     def expected_wait_s(self, queue: ModelQueue) -> float:
         """How long a new request of the queue's model would wait for its batch to start: the rows
         ahead of it at the measured rate, shared by the ready workers (0 while nothing is measured)."""
-        ready = sum(1 for w in self.workers if w.state == "ready")
+        ready = sum(1 for w in self.workers if w.state is WorkerState.READY)
         if not ready or not queue.row_cost_s:
             return 0.0
         return queue.waiting_rows * queue.row_cost_s / ready
 
     def _room_for_another_batch(self) -> bool:
-        room = sum(self.pipeline_depth - w.in_flight for w in self.workers if w.state == "ready")
+        room = sum(self.pipeline_depth - w.in_flight for w in self.workers if w.state is WorkerState.READY)
         return room > sum(len(queue.batches) for queue in self.queues.values())
 
     def _due_s(self, batch: Batch) -> float:
@@ -436,7 +462,7 @@ class Batcher:
         for queue in self.queues.values():
             self._drop_void(queue)
         for worker in sorted(self.workers, key=lambda w: w.in_flight):
-            while worker.state == "ready" and worker.in_flight < self.pipeline_depth:
+            while worker.state is WorkerState.READY and worker.in_flight < self.pipeline_depth:
                 batch = self._take(worker, now)
                 if batch is None:
                     break
@@ -468,7 +494,9 @@ class Batcher:
         return batch
 
     def _drop_void(self, queue: ModelQueue) -> None:
-        while queue.batches and queue.batches[0].complete and all(r.state == VOID for r in queue.batches[0].rows):
+        while (
+            queue.batches and queue.batches[0].complete and all(r.state is RowState.VOID for r in queue.batches[0].rows)
+        ):
             batch = queue.batches.pop(0)
             queue.waiting_rows -= len(batch.rows)
             batch.finish(None, None)
@@ -476,7 +504,7 @@ class Batcher:
     def _send(self, worker: Worker, batch: Batch) -> None:
         queue = batch.queue
         queue.waiting_rows -= len(batch.rows)
-        batch.state = SENT
+        batch.state = BatchState.SENT
         batch.sent_s = self.now()
         try:
             worker.send_batch(batch.message(), functools.partial(self._finished, worker, batch))

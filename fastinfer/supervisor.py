@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from fastinfer.batcher import Batcher
+from fastinfer.batcher import Batcher, WorkerState
 from fastinfer.config import Config
 from fastinfer.errors import FastInferError, ModelLoadError, ModelNotFound, ModelNotReady
 from fastinfer.metrics import Metrics
@@ -66,7 +66,7 @@ class Generation:
 
     @property
     def ready(self) -> bool:
-        return bool(self.workers) and all(w.state == "ready" for w in self.workers)
+        return bool(self.workers) and all(w.state is WorkerState.READY for w in self.workers)
 
     @property
     def idle(self) -> bool:
@@ -192,14 +192,14 @@ class Supervisor:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     def _give_up(self, generation: Generation, handle: WorkerHandle, reason: str) -> None:
-        handle.state = "failed"
+        handle.state = WorkerState.FAILED
         generation.failure = reason
         log.error("%s", reason)
-        if not any(w.state in ("ready", "starting") for w in generation.workers):
+        if not any(w.state in (WorkerState.READY, WorkerState.STARTING) for w in generation.workers):
             generation.batcher.fail_all(ModelNotReady(reason))
 
     def _count_ready(self) -> None:
-        self.metrics.workers_ready.set(sum(w.state == "ready" for w in self.workers))
+        self.metrics.workers_ready.set(sum(w.state is WorkerState.READY for w in self.workers))
 
     async def _watch_health(self) -> None:
         """Kill workers that stopped beating or hold a batch for too long."""
@@ -213,7 +213,7 @@ class Supervisor:
             stalled = now - checked_s > 2 * beat_s
             checked_s = now
             for worker in (w for generation in self._live for w in generation.workers):
-                if worker.state != "ready":
+                if worker.state is not WorkerState.READY:
                     continue
                 oldest = worker.oldest_sent_s
                 if stalled:
@@ -251,7 +251,7 @@ class Supervisor:
         queue = self.batcher.queues.get(model)
         if queue is None:
             raise ModelNotReady(self.failure or f"model {model!r} is still loading")
-        if not any(w.state == "ready" for w in self.workers):
+        if not any(w.state is WorkerState.READY for w in self.workers):
             raise ModelNotReady(self.failure or f"no worker of model {model!r} is running; one is restarting")
         return queue.signature
 

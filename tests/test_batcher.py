@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from fastinfer.batcher import Batcher
+from fastinfer.batcher import Batcher, WorkerState
 from fastinfer.errors import BadRequest, DeadlineExceeded, Overloaded, WorkerDied
 from fastinfer.shm import SlotPool
 from fastinfer.signature import ModelSignature, TensorSpec
@@ -16,7 +16,7 @@ ECHO = ModelSignature("echo", (TensorSpec("x", "float32", (4,)),), (TensorSpec("
 
 class FakeWorker:
     def __init__(self):
-        self.state = "ready"
+        self.state = WorkerState.READY
         self.sent = []  # (message, done)
         self.answered = set()  # indices into sent
 
@@ -250,7 +250,7 @@ async def test_a_dead_worker_fails_its_batch(pool):
 
 async def test_the_deadline_ends_the_wait(pool):
     worker, clock = FakeWorker(), Clock()
-    worker.state = "starting"  # no worker takes anything
+    worker.state = WorkerState.STARTING  # no worker takes anything
     batcher = make(pool, [worker], clock)
     row = batcher.reserve("echo", 0.01)
     await fill(row, 1.0)

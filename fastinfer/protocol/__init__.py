@@ -37,7 +37,7 @@ from fastinfer.protocol.frames import (
     Request,
     Response,
     StreamError,
-    TensorSpec,
+    TensorDescriptor,
     error_envelope,
     parse_envelope,
 )
@@ -69,7 +69,7 @@ __all__ = [
     "Request",
     "Response",
     "StreamError",
-    "TensorSpec",
+    "TensorDescriptor",
     "aligned_buffer",
     "dtype_name",
     "encode_frame",

@@ -31,7 +31,7 @@ from fastinfer.protocol.frames import (
     Message,
     ProtocolUsageError,
     StreamError,
-    TensorSpec,
+    TensorDescriptor,
     aligned,
     parse_envelope,
 )
@@ -453,7 +453,7 @@ def pack_tensors(arrays: Mapping[str, np.ndarray]) -> tuple[list[dict[str, Any]]
             parts.append(_PADDING[: start - offset])
         if array.nbytes:
             parts.append(array.reshape(-1).view(np.uint8).data)
-        descriptors.append(TensorSpec(name, dtype, array.shape, start, array.nbytes).to_wire())
+        descriptors.append(TensorDescriptor(name, dtype, array.shape, start, array.nbytes).to_wire())
         offset = start + array.nbytes
     return descriptors, parts
 
@@ -466,7 +466,7 @@ def dtype_name(dtype: np.dtype) -> str:
     raise ProtocolUsageError(f"dtype {dtype} cannot travel; known: {', '.join(DTYPES)}")
 
 
-def unpack_tensors(specs: Sequence[TensorSpec], payload: Buffer) -> dict[str, np.ndarray]:
+def unpack_tensors(specs: Sequence[TensorDescriptor], payload: Buffer) -> dict[str, np.ndarray]:
     """Arrays viewing ``payload`` (no copy) for validated descriptors; writable if it is."""
     view = memoryview(payload).cast("B")
     arrays = {}

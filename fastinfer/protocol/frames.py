@@ -123,8 +123,9 @@ class ProtocolUsageError(FastInferError):
 
 
 @dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """Where one tensor lies in a payload."""
+class TensorDescriptor:
+    """Where one tensor lies in a payload, as a frame's envelope describes it (a model's
+    per-sample spec is :class:`fastinfer.signature.TensorSpec`)."""
 
     name: str
     dtype: str
@@ -155,7 +156,7 @@ class Request:
     """A REQUEST envelope: run ``model`` on tensors (``inputs``) or on one encoded ``image``."""
 
     model: str
-    inputs: tuple[TensorSpec, ...] = ()
+    inputs: tuple[TensorDescriptor, ...] = ()
     image: ByteRange | None = None
     version: str | None = None
     timeout_ms: int | None = None
@@ -167,7 +168,7 @@ class Response:
     """A RESPONSE envelope: output tensors in the payload, and classes for classifiers."""
 
     model: str
-    outputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorDescriptor, ...] = ()
     classes: tuple[dict[str, Any], ...] | None = None
 
 
@@ -245,7 +246,7 @@ def _parse_request(envelope: dict, payload_length: int) -> Request:
     if has_inputs == has_image:
         raise FrameError("a request carries either 'inputs' or 'image', and not both")
     image = None
-    inputs: tuple[TensorSpec, ...] = ()
+    inputs: tuple[TensorDescriptor, ...] = ()
     if has_image:
         raw = envelope["image"]
         if not isinstance(raw, dict):
@@ -270,7 +271,7 @@ def _parse_request(envelope: dict, payload_length: int) -> Request:
     )
 
 
-def parse_tensors(raw: Any, payload_length: int, what: str) -> tuple[TensorSpec, ...]:
+def parse_tensors(raw: Any, payload_length: int, what: str) -> tuple[TensorDescriptor, ...]:
     """Validated tensor descriptors: known dtype, nbytes = prod(shape) * itemsize, aligned
     offsets, inside the payload, unique names, no two tensors overlapping."""
     if not isinstance(raw, list):
@@ -288,7 +289,7 @@ def parse_tensors(raw: Any, payload_length: int, what: str) -> tuple[TensorSpec,
     return specs
 
 
-def _parse_tensor(raw: Any, payload_length: int, what: str) -> TensorSpec:
+def _parse_tensor(raw: Any, payload_length: int, what: str) -> TensorDescriptor:
     if not isinstance(raw, dict):
         raise FrameError(f"each of '{what}' must be a map {{name, dtype, shape, offset, nbytes}}")
     name = _field(raw, "name", str)
@@ -305,7 +306,7 @@ def _parse_tensor(raw: Any, payload_length: int, what: str) -> TensorSpec:
     if offset % ALIGNMENT:
         raise FrameError(f"tensor {name!r} starts at offset {offset}, not a multiple of {ALIGNMENT}")
     _check_range(offset, nbytes, payload_length, f"tensor {name!r}")
-    return TensorSpec(name, dtype, tuple(shape), offset, nbytes)
+    return TensorDescriptor(name, dtype, tuple(shape), offset, nbytes)
 
 
 def _check_range(offset: int, nbytes: int, payload_length: int, what: str) -> None:

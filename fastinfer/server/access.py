@@ -39,11 +39,24 @@ REFUSAL = (
 )
 
 
+# Set on a sub-application that has its own ``bearer_auth``: its parent's leaves its requests to it.
+CHECKS_TOKEN = web.AppKey("checks_token", bool)
+
+
 def bearer_auth(token: str, exempt_paths: Collection[str] = ()) -> Middleware:
-    """A middleware that requires ``Authorization: Bearer <token>`` on every path but ``exempt_paths``."""
+    """A middleware that requires ``Authorization: Bearer <token>`` on every path but ``exempt_paths``.
+
+    aiohttp runs a parent application's middlewares on its sub-applications' requests too, above
+    theirs: a sub-application marked ``CHECKS_TOKEN`` checks its requests itself, below its own
+    error middleware, so a refusal answers in that application's error shape. Unmarked ones are
+    checked here.
+    """
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        owner = request.match_info.apps[-1]  # the application whose route (or 404, 405) this is
+        if owner is not request.match_info.current_app and owner.get(CHECKS_TOKEN, False):
+            return await handler(request)
         if request.path not in exempt_paths and not token_matches(bearer_token(request.headers), token):
             raise Unauthorized("this port needs an Authorization: Bearer token, and that one is not it")
         return await handler(request)

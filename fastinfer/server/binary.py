@@ -52,7 +52,7 @@ from fastinfer.protocol import (
     pack_tensors,
 )
 from fastinfer.server.access import token_matches
-from fastinfer.server.http import check_version
+from fastinfer.server.admission import check_version
 from fastinfer.signature import ModelSignature, samples_of
 from fastinfer.supervisor import Supervisor
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from aiohttp import web
 
 from fastinfer import cache
+from fastinfer.batcher import WorkerState
 from fastinfer.config import Config
 from fastinfer.errors import StartupError
 from fastinfer.logs import configure_logging
@@ -143,7 +144,9 @@ async def _first_start(supervisor: Supervisor, stop: asyncio.Event) -> str | Non
     while not (supervisor.ready or stop.is_set()):
         # As the supervisor judges it when it fails every queued request: a worker gave up, and none
         # serves or is on its way (one that gave up may read "dead" once its process is gone).
-        if supervisor.failure and not any(w.state in ("ready", "starting") for w in supervisor.workers):
+        if supervisor.failure and not any(
+            w.state in (WorkerState.READY, WorkerState.STARTING) for w in supervisor.workers
+        ):
             return supervisor.failure
         await asyncio.sleep(START_POLL_S)
     return None

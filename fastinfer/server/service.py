@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fastinfer.batcher import WorkerState
 from fastinfer.config import Config
 from fastinfer.errors import FastInferError
 from fastinfer.server.systemd import Notifier, watchdog_interval_s, watchdog_loop
@@ -85,7 +86,7 @@ class Service:
 
     def healthy(self) -> bool:
         """The event loop runs (this is called from it) and a worker serves, or is on its way."""
-        return any(w.state in ("ready", "starting") for w in self.server.supervisor.workers)
+        return any(w.state in (WorkerState.READY, WorkerState.STARTING) for w in self.server.supervisor.workers)
 
     async def _announce_ready(self) -> None:
         supervisor = self.server.supervisor

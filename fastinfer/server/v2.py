@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from fastinfer import __version__
 from fastinfer.batcher import Row
@@ -23,10 +24,14 @@ from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
 from fastinfer.protocol import aligned_buffer
 from fastinfer.server import kserve
-from fastinfer.server.http import MODEL_VERSION, RETRY_AFTER_S, check_version, read_body_into, timeout_from
+from fastinfer.server.access import CHECKS_TOKEN, bearer_auth
+from fastinfer.server.admission import MODEL_VERSION, RETRY_AFTER_S, check_version, read_body_into, timeout_from
+from fastinfer.server.jsonerrors import errors_as
 from fastinfer.signature import ModelSignature, TensorSpec, samples_of
 from fastinfer.supervisor import Supervisor
 
+PREFIX = "/v2"
+HEALTH_PATHS = (PREFIX + "/health/live", PREFIX + "/health/ready")  # open without a token
 PLATFORM = "fastinfer_tvm"
 PROTOCOL = "v2"
 OFF_LOOP_BYTES = 64 << 10  # bodies past this are parsed in a thread (a thousand floats of JSON take ~0.2 ms)
@@ -163,13 +168,25 @@ def batched(specs: tuple[TensorSpec, ...], max_batch: int) -> list[TensorSpec]:
     return [TensorSpec(spec.name, spec.dtype, (max_batch, *spec.shape)) for spec in specs]
 
 
-def add_routes(app: web.Application, supervisor: Supervisor, config: Config) -> None:
-    """Add the ``/v2`` routes to ``app``."""
+def v2_app(supervisor: Supervisor, config: Config) -> web.Application:
+    """The ``/v2`` routes, as a sub-application to mount at ``PREFIX``: its errors answer in KServe's
+    shape, its bearer check (when the port has a token) included."""
+    middlewares: list[Middleware] = [errors_as(kserve_error)]
+    if config.inference_token:
+        middlewares.append(bearer_auth(config.inference_token, HEALTH_PATHS))
+    app = web.Application(middlewares=middlewares)
+    app[CHECKS_TOKEN] = bool(config.inference_token)
     routes = V2Routes(supervisor, config)
-    app.router.add_get("/v2", routes.server_metadata)
-    app.router.add_get("/v2/health/live", routes.live)
-    app.router.add_get("/v2/health/ready", routes.ready)
-    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+    app.router.add_get("", routes.server_metadata)  # PREFIX itself
+    app.router.add_get("/health/live", routes.live)
+    app.router.add_get("/health/ready", routes.ready)
+    for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
         app.router.add_get(prefix, routes.model_metadata)
         app.router.add_get(prefix + "/ready", routes.model_ready)
         app.router.add_post(prefix + "/infer", routes.infer)
+    return app
+
+
+def kserve_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """``{"error": message}``, which KServe v2 clients (tritonclient) show."""
+    return web.json_response(kserve.error_body(message), status=status, headers=headers)

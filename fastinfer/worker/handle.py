@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from fastinfer.batcher import BatchDone
+from fastinfer.batcher import BatchDone, WorkerState
 from fastinfer.errors import FastInferError, ModelLoadError, WorkerDied
 from fastinfer.signature import ModelSignature
 from fastinfer.worker.channel import ChannelProtocol
@@ -31,7 +31,7 @@ class WorkerHandle:
         self.cores = cores
         self._init = init
         self._slot_fd = slot_fd  # the slot pool's memory, inherited by the process
-        self.state = "stopped"  # -> starting -> ready -> dead (-> starting ...), or failed
+        self.state = WorkerState.STOPPED
         self.signatures: dict[str, ModelSignature] = {}
         self.pid: int | None = None
         self.last_heard_s = 0.0
@@ -63,7 +63,7 @@ class WorkerHandle:
         finally:
             child.close()
         self.pid = self._process.pid
-        self.state = "starting"
+        self.state = WorkerState.STARTING
         self._first_message = loop.create_future()
         self._lost = loop.create_future()
         _, self._channel = await loop.create_unix_connection(
@@ -81,7 +81,7 @@ class WorkerHandle:
             raise ModelLoadError(f"worker {self.index} could not load its models: {reason}")
         self.signatures = {name: ModelSignature.from_dict(sig) for name, sig in message["models"].items()}
         self.last_heard_s = time.monotonic()
-        self.state = "ready"
+        self.state = WorkerState.READY
 
     def _on_message(self, message: dict[str, Any]) -> None:
         self.last_heard_s = time.monotonic()
@@ -93,8 +93,8 @@ class WorkerHandle:
                 _tell(done, message, None)
 
     def _on_lost(self) -> None:
-        if self.state != "failed":  # the supervisor gave up on it: it stays so, process gone or not
-            self.state = "dead"
+        if self.state is not WorkerState.FAILED:  # the supervisor gave up on it: it stays so, process gone or not
+            self.state = WorkerState.DEAD
         if self._first_message is not None and not self._first_message.done():
             self._first_message.set_result(None)
         died = WorkerDied(f"worker {self.index} died while running the request")
@@ -107,7 +107,7 @@ class WorkerHandle:
     def send_batch(self, message: dict[str, Any], done: BatchDone) -> None:
         """Send a batch; ``done`` is called with the worker's ``done`` reply, or with WorkerDied,
         straight from the channel's callbacks (no future, no extra turn of the loop)."""
-        if self.state != "ready" or self._channel is None:
+        if self.state is not WorkerState.READY or self._channel is None:
             raise WorkerDied(f"worker {self.index} is not running")
         self._next_id += 1
         self._pending[self._next_id] = (done, time.monotonic())
@@ -125,8 +125,8 @@ class WorkerHandle:
             return None
         code = await self._process.wait()
         await self._closed()
-        if self.state != "failed":
-            self.state = "dead"
+        if self.state is not WorkerState.FAILED:
+            self.state = WorkerState.DEAD
         return code
 
     def kill(self) -> None:
@@ -145,7 +145,7 @@ class WorkerHandle:
             self.kill()
             await self._process.wait()
         await self._closed()
-        self.state = "stopped"
+        self.state = WorkerState.STOPPED
 
 
 def _tell(done: BatchDone, reply: dict[str, Any] | None, error: FastInferError | None) -> None:

@@ -5,7 +5,7 @@ import pytest
 
 from fastinfer.batcher import RowResult
 from fastinfer.protocol import FrameType, Request, encode_frame
-from fastinfer.protocol.frames import TensorSpec as WireSpec
+from fastinfer.protocol.frames import TensorDescriptor
 from fastinfer.server.binary import ReplyTemplate, _envelope
 from fastinfer.signature import ModelSignature, TensorSpec
 
@@ -18,7 +18,7 @@ SIGNATURE = ModelSignature(
 
 @pytest.mark.parametrize("wanted", [None, ("ids",), ("flag", "logits")])
 def test_template_frame_equals_the_general_encoding(wanted):
-    request = Request("two", (WireSpec("x", "float32", (1, 3), 0, 12),), outputs=wanted)
+    request = Request("two", (TensorDescriptor("x", "float32", (1, 3), 0, 12),), outputs=wanted)
     rng = np.random.default_rng(0)
     outputs = [
         rng.random(5).astype(np.float32),

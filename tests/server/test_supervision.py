@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import fastinfer_segments
 
+from fastinfer.batcher import WorkerState
 from fastinfer.config import Config
 from fastinfer.server.main import Server
 from fastinfer.worker.handle import WorkerHandle
@@ -120,14 +121,16 @@ async def test_a_crash_loop_stops_restarting_and_health_says_so(tmp_path):
     try:
         worker = server.supervisor.workers[0]
         kills = 0
-        while worker.state != "failed" and kills < 5:
+        while worker.state is not WorkerState.FAILED and kills < 5:
             pid = worker.pid
             os.kill(pid, signal.SIGKILL)
             kills += 1
             async with asyncio.timeout(30):
-                while worker.state != "failed" and (worker.pid == pid or worker.state != "ready"):
+                while worker.state is not WorkerState.FAILED and (
+                    worker.pid == pid or worker.state is not WorkerState.READY
+                ):
                     await asyncio.sleep(0.05)
-        assert worker.state == "failed"
+        assert worker.state is WorkerState.FAILED
         assert kills == 3, "two restarts were allowed, the third death ends it"
         async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as session:
             async with session.get("/ping") as response:
@@ -147,7 +150,7 @@ async def test_a_hung_worker_is_killed_and_restarted(tmp_path):
         pid = worker.pid
         os.kill(pid, signal.SIGSTOP)  # alive but silent: no heartbeat
         async with asyncio.timeout(30):
-            while not (worker.pid != pid and worker.state == "ready"):
+            while not (worker.pid != pid and worker.state is WorkerState.READY):
                 await asyncio.sleep(0.05)
         async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as session:
             assert (await post(session, "echo", 4))[0] == 200
@@ -185,7 +188,7 @@ async def test_a_busy_front_loop_does_not_kill_healthy_workers(tmp_path):
         time.sleep(10 * server.config.worker_heartbeat_s)  # the loop does nothing else meanwhile
         await asyncio.sleep(4 * server.config.worker_heartbeat_s)  # the watch runs again, twice
         assert [w.pid for w in server.supervisor.workers] == pids
-        assert all(w.state == "ready" for w in server.supervisor.workers)
+        assert all(w.state is WorkerState.READY for w in server.supervisor.workers)
     finally:
         await stop(server)
 

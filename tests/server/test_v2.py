@@ -15,6 +15,8 @@ import tritonclient.http.aio as triton_aio
 from conftest import running_server
 from tritonclient.utils import InferenceServerException
 
+from fastinfer.batcher import WorkerState
+
 MODELS = ("echo=echo:float32:16", "ints=echo:int32:4")
 
 
@@ -159,12 +161,12 @@ async def test_model_not_ready_while_its_worker_restarts(server, http):
     os.kill(worker.pid, signal.SIGKILL)
     seen = set()
     async with asyncio.timeout(30):
-        while worker.state != "ready" or not seen:
+        while worker.state is not WorkerState.READY or not seen:
             async with http.get("/v2/models/echo/ready") as response:
                 if response.status == 503:
                     seen.add((await response.json())["error"])
                     async with http.get("/v2/health/ready") as ready:
-                        assert ready.status == 503 or worker.state == "ready"  # it may be back already
+                        assert ready.status == 503 or worker.state is WorkerState.READY  # it may be back already
             await asyncio.sleep(0.01)
     assert any("restarting" in message for message in seen)
     async with http.get("/v2/models/echo/ready") as response:

@@ -1,0 +1,103 @@
+"""What every front does to admit a request, whatever its codec: check the model's version, take
+its deadline, and receive its body into memory of its own.
+
+HTTP ``/predictions``, KServe v2 and the binary protocol import these, so the same bad request
+gets the same error everywhere; none of them imports another front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from fastinfer.errors import BadRequest, FastInferError, ModelNotFound, RequestTimeout
+
+IMAGE_FIELDS = ("data", "input0")
+RETRY_AFTER_S = 1
+DEADLINE_HEADER = "X-Deadline-Ms"
+MODEL_VERSION = "1"  # models have one version until archives carry theirs
+
+
+def check_version(model: str, version: str | None) -> None:
+    """ModelNotFound unless ``version`` is None or one the model has."""
+    if version is not None and version != MODEL_VERSION:
+        raise ModelNotFound(f"model {model!r} has no version {version!r}; it has version {MODEL_VERSION}")
+
+
+async def _copy_stream(
+    read_chunk: Callable[[], Awaitable[bytes]], view: memoryview, too_long: Callable[[], FastInferError]
+) -> int:
+    received = 0
+    while chunk := await read_chunk():
+        if received + len(chunk) > len(view):
+            raise too_long()
+        view[received : received + len(chunk)] = chunk
+        received += len(chunk)
+    return received
+
+
+async def read_body_into(
+    request: web.Request, view: memoryview, too_long: Callable[[], FastInferError], timeout_s: float
+) -> int:
+    """Copy the payload (raw body, or the ``data``/``input0`` field of a form) into ``view``.
+
+    A client that has not sent it all within ``timeout_s`` gets RequestTimeout (408).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body_into(request, view, too_long)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
+
+
+async def _read_body_into(request: web.Request, view: memoryview, too_long: Callable[[], FastInferError]) -> int:
+    if request.content_type.startswith("multipart/"):
+        try:
+            reader = await request.multipart()
+        except (ValueError, AssertionError) as error:  # no boundary, or an unusable one
+            raise BadRequest(f"the multipart body cannot be read: {error}") from None
+        while (part := await _next_part(reader)) is not None:
+            if isinstance(part, BodyPartReader) and part.name in IMAGE_FIELDS:
+                return await _copy_stream(part.read_chunk, view, too_long)
+            await part.release()
+        raise BadRequest(f"the form has no field named {' or '.join(IMAGE_FIELDS)}")
+    if request.content_length is not None and request.content_length > len(view):
+        raise too_long()
+
+    content = request.content
+
+    async def read_chunk() -> bytes:
+        # Each chunk as it came; readany() would join those buffered, a copy of the body.
+        while True:
+            chunk, end_of_http_chunk = await content.readchunk()
+            # (b"", True) marks the end of an HTTP chunk, so read on; but a body-less request's
+            # reader answers it for ever without waiting, so its end must be asked for.
+            if chunk or not end_of_http_chunk or content.at_eof():
+                return chunk
+
+    return await _copy_stream(read_chunk, view, too_long)
+
+
+async def _next_part(reader: Any) -> Any:
+    try:
+        return await reader.next()
+    except ValueError as error:  # a part without headers' end, a bad boundary line...
+        raise BadRequest(f"the multipart body is malformed: {error}") from None
+
+
+def timeout_from(request: web.Request, default_s: float) -> float:
+    """Seconds the request may take: its ``X-Deadline-Ms`` header, or the server's default."""
+    header = request.headers.get(DEADLINE_HEADER)
+    timeout_s = default_s
+    if header is not None:
+        try:
+            timeout_s = float(header) / 1000
+        except ValueError:
+            raise BadRequest(f"{DEADLINE_HEADER} must be a number of milliseconds, not {header!r}") from None
+        if not 0 < timeout_s < math.inf:  # nan and inf are floats too, and no deadline
+            raise BadRequest(f"{DEADLINE_HEADER} must be a positive, finite number of milliseconds")
+    return timeout_s
