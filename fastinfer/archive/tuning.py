@@ -414,6 +414,7 @@ def tune(
     progress = None
     with _held(work), _interrupt_stops(stop, stream):
         try:
+            _reset_meta_schedule_handlers()
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 extracted_tasks=missing,
                 work_dir=str(work),
@@ -558,6 +559,18 @@ def _trials_per_round(trials_per_task: int, total: int, tasks: int) -> int:
     if total >= trials_per_task * tasks:
         return min(64, trials_per_task)
     return max(4, min(64, trials_per_task, total // (2 * tasks)))
+
+
+def _reset_meta_schedule_handlers() -> None:
+    """Take the handlers off MetaSchedule's own logger before a run configures it again.
+
+    MetaSchedule's logging set-up names every handler that logger already has in a logging config
+    it then applies (``handler.get_name().format(...)``): a handler without a name, or one its new
+    config does not define, fails the whole run ("'NoneType' object has no attribute 'format'"),
+    as a second run in one process met once. It adds its own console and file handlers again."""
+    import logging
+
+    logging.getLogger("tvm.s_tir.meta_schedule").handlers.clear()
 
 
 def _quiet_task_loggers() -> None:

@@ -149,3 +149,19 @@ def test_stop_after_its_deadline_or_when_interrupted():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_handler_left_on_meta_schedules_logger_does_not_fail_the_next_run(tmp_path):
+    """MetaSchedule names its logger's handlers in the logging config it applies; an unnamed one
+    (left by an earlier run or a host's logging set-up) once failed a whole tuning run."""
+    import logging
+
+    from tvm.s_tir.meta_schedule.logging import create_loggers
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    logger.addHandler(logging.StreamHandler())
+    try:
+        tuning._reset_meta_schedule_handlers()
+        create_loggers(str(tmp_path), [{"logger_name": "task", "log_dir": str(tmp_path)}])
+    finally:
+        logger.handlers.clear()
