@@ -228,9 +228,9 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         elif self.idle and now - self.last_read_s > self.config.header_timeout_s:
             self.close()  # as HTTP closes an idle keep-alive connection: nothing is owed to anyone
 
-    def _close_with(self, error: FastInferError) -> None:
+    def _close_with(self, error: FastInferError, **extra: Any) -> None:
         """Say why on request id 0 (the connection's), then close."""
-        self._send(FrameType.ERROR, 0, error_envelope(error.code, error.message, error.status))
+        self._send(FrameType.ERROR, 0, error_envelope(error.code, error.message, error.status, **extra))
         self._flush()  # now: the connection closes before the loop would get to it
         if self.transport is not None:
             self.transport.close()
@@ -243,10 +243,7 @@ class BinaryProtocol(asyncio.BufferedProtocol):
         except StreamError:
             pass
         extra = {"versions": list(SUPPORTED_VERSIONS)} if error.code == "unsupported_version" else {}
-        self._send(FrameType.ERROR, 0, error_envelope(error.code, error.message, error.status, **extra))
-        self._flush()
-        if self.transport is not None:
-            self.transport.close()
+        self._close_with(error, **extra)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; replies still in flight are dropped with the connection
