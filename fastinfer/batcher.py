@@ -23,6 +23,8 @@ Rules (after Triton's dynamic batcher, with one addition for latency):
   that has one ready. A busy worker, which takes only batches that fill a run, also takes a
   partial batch that is due when other models keep it busy with full ones: so a model with work
   waiting gets a worker within one batch of each other model, whatever they send.
+- Each model has its own limits (``ModelLimits``: the server-wide batch and queue settings, except
+  those the model sets itself), as Triton's per-model config.
 - Past ``queue_max_size`` rows waiting, or with no free slot, a request is refused at once; so is
   one that, at the rate its model's queue drains (measured), would wait longer than
   ``queue_max_delay_s`` or its own deadline before its batch could start: ``Overloaded`` with the
@@ -44,6 +46,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fastinfer.config import ModelLimits
 from fastinfer.errors import BadRequest, DeadlineExceeded, FastInferError, Overloaded
 from fastinfer.shm import SlotPool, SlotsExhausted
 from fastinfer.signature import BatchLayout, ModelSignature
@@ -305,9 +308,12 @@ class Batch:
 class ModelQueue:
     """The batches of one model that no worker has taken yet."""
 
-    def __init__(self, batcher: Batcher, signature: ModelSignature, layout: BatchLayout, max_batch: int):
+    def __init__(
+        self, batcher: Batcher, signature: ModelSignature, limits: ModelLimits, layout: BatchLayout, max_batch: int
+    ):
         self.batcher = batcher
         self.signature = signature
+        self.limits = limits
         self.layout = layout
         self.max_batch = max_batch
         sizes = signature.batch_sizes
@@ -368,14 +374,19 @@ class Batcher:
     def now(self) -> float:
         return self._clock() if self._clock else self.loop.time()
 
-    def add_model(self, signature: ModelSignature) -> None:
+    def add_model(self, signature: ModelSignature, limits: ModelLimits | None = None) -> None:
+        """Queue ``signature``'s requests, within ``limits`` (the batcher's own when None)."""
         if signature.name in self.queues:
             return
-        layout = BatchLayout.for_slot(signature, self.batch_max_size, self.pool.slot_bytes)
-        max_batch = min(self.batch_max_size, layout.max_batch)
+        if limits is None:
+            limits = ModelLimits(
+                self.batch_max_size, self.batch_max_delay_s, self.queue_max_size, self.queue_max_delay_s
+            )
+        layout = BatchLayout.for_slot(signature, limits.batch_max_size, self.pool.slot_bytes)
+        max_batch = min(limits.batch_max_size, layout.max_batch)
         if signature.batch_sizes and self.batch_max_runs:
             max_batch = min(max_batch, self.batch_max_runs * max(signature.batch_sizes))
-        self.queues[signature.name] = ModelQueue(self, signature, layout, max_batch)
+        self.queues[signature.name] = ModelQueue(self, signature, limits, layout, max_batch)
 
     def queue_depth(self, model: str) -> int:
         return self.queues[model].waiting_rows
@@ -384,11 +395,11 @@ class Batcher:
         """A row in ``model``'s open batch (opening one if needed), due within ``timeout_s``;
         raise Overloaded if the queue or the shared memory is full."""
         queue = self.queues[model]
-        if queue.waiting_rows >= self.queue_max_size:
+        if queue.waiting_rows >= queue.limits.queue_max_size:
             raise Overloaded(f"{queue.waiting_rows} requests are already waiting for {model}; retry later")
         wait_s = self.expected_wait_s(queue)
-        if wait_s > min(self.queue_max_delay_s, timeout_s):
-            limit_s = min(self.queue_max_delay_s, timeout_s)
+        limit_s = min(queue.limits.queue_max_delay_s, timeout_s)
+        if wait_s > limit_s:
             raise Overloaded(
                 f"a request for {model} would wait about {wait_s:.1f} s in its queue, past its limit of "
                 f"{limit_s:g} s; retry later",
@@ -431,7 +442,7 @@ class Batcher:
 
     def _due_s(self, batch: Batch) -> float:
         """When a partial batch has waited long enough for an idle worker."""
-        return batch.opened_s + self.batch_max_delay_s
+        return batch.opened_s + batch.queue.limits.batch_max_delay_s
 
     def _arm_timer(self, queue: ModelQueue, at_s: float) -> None:
         if queue.timer is not None:
@@ -467,12 +478,11 @@ class Batcher:
                 if batch is None:
                     break
                 self._send(worker, batch)
-        if self.batch_max_delay_s > 0:
-            for queue in self.queues.values():
-                if queue.batches and queue.timer is None:
-                    due_s = self._due_s(queue.batches[0])
-                    if due_s > now:
-                        self._arm_timer(queue, due_s)
+        for queue in self.queues.values():
+            if queue.limits.batch_max_delay_s > 0 and queue.batches and queue.timer is None:
+                due_s = self._due_s(queue.batches[0])
+                if due_s > now:
+                    self._arm_timer(queue, due_s)
 
     def _take(self, worker: Worker, now: float) -> Batch | None:
         """The batch ``worker`` takes now, by the rules at the top of this module (None: none yet)."""

@@ -30,6 +30,63 @@ class ConfigError(FastInferError):
     code = "config_error"
 
 
+# The settings a model may have of its own (``--model-limits``), as Triton's per-model config has.
+MODEL_LIMIT_KEYS: dict[str, type] = {
+    "batch_max_size": int,
+    "batch_max_delay_s": float,
+    "queue_max_size": int,
+    "queue_max_delay_s": float,
+}
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """How one model's requests are batched and queued: the server-wide values, except those the
+    model sets itself in ``model_limits``."""
+
+    batch_max_size: int
+    batch_max_delay_s: float
+    queue_max_size: int
+    queue_max_delay_s: float
+
+
+def parse_model_limits(specs: tuple[str, ...]) -> dict[str, dict[str, int | float]]:
+    """``("resnet:batch_max_size=4", ...)`` -> ``{"resnet": {"batch_max_size": 4}}``, checked."""
+    overrides: dict[str, dict[str, int | float]] = {}
+    for spec in specs:
+        name, _, setting = spec.partition(":")
+        key, sep, raw = setting.partition("=")
+        if not name or not sep:
+            raise ConfigError(f"--model-limits expects NAME:KEY=VALUE, got {spec!r}")
+        kind = MODEL_LIMIT_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"--model-limits {spec!r}: {key!r} is not one of {', '.join(MODEL_LIMIT_KEYS)}")
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"--model-limits {spec!r}: {raw!r} is not a valid {kind.__name__}") from None
+        if not _within_limit(key, value):
+            raise ConfigError(f"--model-limits {spec!r}: {key} must be {_LIMIT_RANGES[key]}")
+        overrides.setdefault(name, {})[key] = value
+    return overrides
+
+
+_LIMIT_RANGES = {
+    "batch_max_size": "at least 1",
+    "batch_max_delay_s": "a finite number, 0 or more",
+    "queue_max_size": "at least 1",
+    "queue_max_delay_s": "a finite number above 0",
+}
+
+
+def _within_limit(key: str, value: float) -> bool:
+    if key == "batch_max_delay_s":
+        return math.isfinite(value) and value >= 0
+    if key == "queue_max_delay_s":
+        return math.isfinite(value) and value > 0
+    return value >= 1
+
+
 def _default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fastinfer")
@@ -77,6 +134,14 @@ class Config:
     queue_max_delay_s: float = field(
         default=5.0,
         metadata={"help": "a request that would wait longer for its batch (at the measured rate) gets 503 at once"},
+    )
+    model_limits: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "a model's own batch and queue limits, as NAME:KEY=VALUE (one setting each; KEY: "
+            + ", ".join(MODEL_LIMIT_KEYS)
+            + ")"
+        },
     )
     max_body_bytes: int = field(default=16 << 20, metadata={"help": "largest request body accepted"})
     max_image_pixels: int = field(default=40_000_000, metadata={"help": "decompression-bomb limit"})
@@ -158,6 +223,7 @@ class Config:
             raise ConfigError("max_connections must be at least 1")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0 or self.queue_max_delay_s <= 0:
             raise ConfigError("header_timeout_s, body_timeout_s and queue_max_delay_s must be positive")
+        parse_model_limits(self.model_limits)
 
     def model_paths(self) -> dict[str, str]:
         """Model name -> path; the default model (path "") when none is given."""
@@ -198,6 +264,18 @@ class Config:
         if self.on_gpus:
             return self.gpu_batch_max_size, self.gpu_batch_max_delay_s
         return self.batch_max_size, self.batch_max_delay_s
+
+    def limits_for(self, model: str) -> ModelLimits:
+        """``model``'s batch and queue limits: its own settings over the server-wide ones."""
+        batch_max_size, batch_max_delay_s = self.batch_limits()
+        server_wide = ModelLimits(batch_max_size, batch_max_delay_s, self.queue_max_size, self.queue_max_delay_s)
+        return dataclasses.replace(server_wide, **parse_model_limits(self.model_limits).get(model, {}))
+
+    def model_batch_limits(self) -> dict[str, int]:
+        """The models whose batches may hold more or fewer rows than ``batch_limits()`` says: the
+        workers lay out those models' batches by the same numbers as the batcher."""
+        overrides = parse_model_limits(self.model_limits)
+        return {name: self.limits_for(name).batch_max_size for name, own in overrides.items() if "batch_max_size" in own}
 
     @property
     def cache_path(self) -> Path:
@@ -288,6 +366,7 @@ TEMPLATE_VALUES: dict[str, object] = {"cache_dir": "/var/cache/fastinfer"}
 _SOCKET_NOTE = "with fastinfer-{}.socket enabled, systemd owns the port and its ListenStream= applies instead"
 TEMPLATE_NOTES = {
     "models": 'e.g. ["resnet50=/var/lib/fastinfer/models/resnet50.onnx"]',
+    "model_limits": 'e.g. ["resnet50:batch_max_size=4", "resnet50:queue_max_delay_s=0.5"]',
     "http_port": _SOCKET_NOTE.format("http"),
     "management_port": _SOCKET_NOTE.format("management"),
     "binary_port": _SOCKET_NOTE.format("binary"),

@@ -142,6 +142,7 @@ class Supervisor:
             "slot_count": generation.pool.slot_count,
             "slot_bytes": generation.pool.slot_bytes,
             "batch_limit": self.config.batch_limits()[0],
+            "model_batch_limits": self.config.model_batch_limits(),
             "heartbeat_s": self.config.worker_heartbeat_s,
         }
         # A GPU worker gets a share of the cores like a CPU worker: its kernels run on the GPU, but it
@@ -177,7 +178,7 @@ class Supervisor:
             log.info("worker %d (pid %s, cores %s) is ready", handle.index, handle.pid, handle.cores)
             ready_s = time.monotonic()
             for signature in handle.signatures.values():
-                generation.batcher.add_model(signature)
+                generation.batcher.add_model(signature, self.config.limits_for(signature.name))
             self._count_ready()
             generation.batcher.pump()
             code = await handle.wait_exit()

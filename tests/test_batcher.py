@@ -1,12 +1,14 @@
 """Batching decisions with an injected clock and fake workers: no sleeps, no processes."""
 
 import asyncio
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from fastinfer.batcher import Batcher, WorkerState
+from fastinfer.config import ModelLimits
 from fastinfer.errors import BadRequest, DeadlineExceeded, Overloaded, WorkerDied
 from fastinfer.shm import SlotPool
 from fastinfer.signature import ModelSignature, TensorSpec
@@ -365,7 +367,27 @@ async def test_a_request_that_would_wait_past_its_limit_is_refused_at_once(pool)
     with pytest.raises(Overloaded) as refused:
         batcher.reserve("echo", 60)
     assert refused.value.retry_after_s >= 1 and "would wait" in refused.value.message
-    batcher.queue_max_delay_s = math.inf
+    queue = batcher.queues["echo"]
+    queue.limits = dataclasses.replace(queue.limits, queue_max_delay_s=math.inf)
     await fill(batcher.reserve("echo", 60), 0.0)  # 3 s ahead, within its deadline of 60 s
     with pytest.raises(Overloaded):  # 4 s ahead, past its deadline of 2 s
         batcher.reserve("echo", 2)
+
+
+async def test_each_model_batches_and_queues_within_its_own_limits(pool):
+    """Per-model limits (as Triton's per-model config): one model's small batches, short queue and
+    batching delay leave the server-wide limits of another model as they are."""
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker, FakeWorker()], clock, queue_max_size=16)
+    small = ModelSignature("small", ECHO.inputs, ECHO.outputs)
+    batcher.add_model(small, ModelLimits(batch_max_size=2, batch_max_delay_s=0.5, queue_max_size=3, queue_max_delay_s=1))
+    assert (batcher.queues["small"].max_batch, batcher.queues["echo"].max_batch) == (2, 4)
+    rows = [batcher.reserve("small", 10) for _ in range(3)]
+    with pytest.raises(Overloaded, match="3 requests are already waiting for small"):
+        batcher.reserve("small", 10)
+    for _ in range(5):
+        batcher.reserve("echo", 10)  # echo's queue is its own, and longer
+    await fill(rows[0], 0.0)
+    assert worker.sent == [], "small's partial batch waits its own delay for more rows"
+    await fill(rows[1], 0.0)
+    assert [(m["model"], m["rows"]) for m, _ in worker.sent] == [("small", 2)], "a full batch of two goes at once"

@@ -163,3 +163,32 @@ def test_checked_in_template_is_the_generated_one():
 def test_batch_limits_are_at_least_one(key):
     with pytest.raises(ConfigError, match=f"{key}.* must be at least 1"):
         Config(**{key: 0}).validate()
+
+
+def test_a_model_limit_overrides_the_server_wide_one_for_that_model_only(tmp_path):
+    path = write(tmp_path / "c.toml", 'model_limits = ["resnet:batch_max_size=2", "resnet:queue_max_delay_s=0.5"]\n')
+    config = Config.load(config_file=path, environ={"FASTINFER_QUEUE_MAX_SIZE": "64"})
+    resnet, other = config.limits_for("resnet"), config.limits_for("other")
+    assert (resnet.batch_max_size, resnet.queue_max_delay_s, resnet.queue_max_size) == (2, 0.5, 64)
+    assert (other.batch_max_size, other.queue_max_delay_s) == (config.batch_max_size, config.queue_max_delay_s)
+    assert config.model_batch_limits() == {"resnet": 2}, "the workers lay resnet's batches out as the batcher does"
+    from_environment = Config.from_sources(environ={"FASTINFER_MODEL_LIMITS": "a:batch_max_size=3 b:queue_max_size=9"})
+    assert (from_environment.limits_for("a").batch_max_size, from_environment.limits_for("b").queue_max_size) == (3, 9)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("resnet", "expects NAME:KEY=VALUE"),
+        (":batch_max_size=2", "expects NAME:KEY=VALUE"),
+        ("resnet:batch_size=2", "'batch_size' is not one of batch_max_size"),
+        ("resnet:batch_max_size=two", "'two' is not a valid int"),
+        ("resnet:batch_max_size=0", "batch_max_size must be at least 1"),
+        ("resnet:queue_max_delay_s=0", "queue_max_delay_s must be a finite number above 0"),
+        ("resnet:queue_max_delay_s=inf", "queue_max_delay_s must be a finite number above 0"),
+        ("resnet:batch_max_delay_s=nan", "batch_max_delay_s must be a finite number, 0 or more"),
+    ],
+)
+def test_a_malformed_model_limit_is_an_error_naming_it(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_sources({"model_limits": [spec]}, environ={})

@@ -46,6 +46,7 @@ RELOADED_SETTINGS = (
     "gpu_batch_max_delay_s",
     "queue_max_size",
     "queue_max_delay_s",
+    "model_limits",
     "shm_slots_per_worker",
     "max_image_pixels",
     "worker_heartbeat_s",

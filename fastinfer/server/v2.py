@@ -106,10 +106,11 @@ class V2Routes:
         header_length = kserve.parse_header_length(request.headers.get(kserve.HEADER_LENGTH))
         timeout_s = timeout_from(request, self.config.request_timeout_s)
         body = await self._receive(request)
+        most_samples = self.supervisor.batcher.queues[signature.name].limits.queue_max_size
         if len(body) > OFF_LOOP_BYTES:
-            parsed, data = await asyncio.to_thread(decode, body, header_length, signature, self.config.queue_max_size)
+            parsed, data = await asyncio.to_thread(decode, body, header_length, signature, most_samples)
         else:
-            parsed, data = decode(body, header_length, signature, self.config.queue_max_size)
+            parsed, data = decode(body, header_length, signature, most_samples)
 
         # The body is read: look the model up again, in case its workers were replaced meanwhile.
         signature = self._signature(request)

@@ -41,6 +41,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _batch_limit(init: dict, model: str) -> int:
+    return init.get("model_batch_limits", {}).get(model, init["batch_limit"])
+
+
 def _own_cores(cores: list[int]) -> None:
     if cores:
         os.sched_setaffinity(0, cores)
@@ -92,7 +96,8 @@ def serve(channel: BlockingChannel, slot_fd: int) -> int:
         started = time.monotonic()
         models = {name: _load(name, path, init) for name, path in init["models"].items()}
         layouts = {
-            name: BatchLayout.for_slot(model.signature, init["batch_limit"], init["slot_bytes"])
+            # the same rows as the front's batcher lays out: the model's own limit, else the server's
+            name: BatchLayout.for_slot(model.signature, _batch_limit(init, name), init["slot_bytes"])
             for name, model in models.items()
         }
         for name, model in models.items():

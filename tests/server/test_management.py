@@ -285,3 +285,31 @@ async def test_limits_body_timeout_header_timeout_and_connection_cap(tmp_path):
             assert await reader.read() == b""
         assert loop.time() - started >= 0.9
         writer.close()
+
+
+async def test_a_model_batches_within_its_own_limits(tmp_path):
+    """``--model-limits``: the front's batcher and the worker lay out that model's batches alike
+    (so results reach the right requests), and its queue bound is its own."""
+    limits = ("small:batch_max_size=2", "small:queue_max_size=3")
+    async with (
+        serving(tmp_path, models=("echo=echo:float32:16", "small=echo:float32:16"), model_limits=limits) as server,
+        aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as http,
+        aiohttp.ClientSession(f"http://127.0.0.1:{server.management_port}") as manage,
+    ):
+        for model, batch_max_size in (("echo", 4), ("small", 2)):
+            async with manage.get(f"/models/{model}") as response:
+                assert (await response.json())["batch_max_size"] == batch_max_size
+
+        async def infer(model: str, value: int) -> list:
+            async with http.post(f"/v2/models/{model}/infer", data=v2_body(value)) as response:
+                assert response.status == 200, await response.text()
+                return (await response.json())["outputs"][0]["data"]
+
+        models = ["echo", "small"] * 3  # as many of small as its queue holds
+        results = await asyncio.gather(*(infer(model, i) for i, model in enumerate(models)))
+        assert results == [[i] * 16 for i in range(len(models))]
+        samples = {"inputs": [{"name": "input", "shape": [4, 16], "datatype": "FP32", "data": [0.0] * 64}]}
+        async with http.post("/v2/models/small/infer", json=samples) as response:
+            assert response.status == 400 and "4" in (await response.json())["error"]
+        async with http.post("/v2/models/echo/infer", json=samples) as response:
+            assert response.status == 200, "the server-wide queue bound (256) admits four samples"
