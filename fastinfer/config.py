@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastinfer.errors import FastInferError
 
@@ -269,13 +270,16 @@ class Config:
         """``model``'s batch and queue limits: its own settings over the server-wide ones."""
         batch_max_size, batch_max_delay_s = self.batch_limits()
         server_wide = ModelLimits(batch_max_size, batch_max_delay_s, self.queue_max_size, self.queue_max_delay_s)
-        return dataclasses.replace(server_wide, **parse_model_limits(self.model_limits).get(model, {}))
+        own: dict[str, Any] = parse_model_limits(self.model_limits).get(model, {})
+        return dataclasses.replace(server_wide, **own)
 
     def model_batch_limits(self) -> dict[str, int]:
         """The models whose batches may hold more or fewer rows than ``batch_limits()`` says: the
         workers lay out those models' batches by the same numbers as the batcher."""
         overrides = parse_model_limits(self.model_limits)
-        return {name: self.limits_for(name).batch_max_size for name, own in overrides.items() if "batch_max_size" in own}
+        return {
+            name: self.limits_for(name).batch_max_size for name, own in overrides.items() if "batch_max_size" in own
+        }
 
     @property
     def cache_path(self) -> Path:

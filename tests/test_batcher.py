@@ -380,7 +380,9 @@ async def test_each_model_batches_and_queues_within_its_own_limits(pool):
     worker, clock = FakeWorker(), Clock()
     batcher = make(pool, [worker, FakeWorker()], clock, queue_max_size=16)
     small = ModelSignature("small", ECHO.inputs, ECHO.outputs)
-    batcher.add_model(small, ModelLimits(batch_max_size=2, batch_max_delay_s=0.5, queue_max_size=3, queue_max_delay_s=1))
+    batcher.add_model(
+        small, ModelLimits(batch_max_size=2, batch_max_delay_s=0.5, queue_max_size=3, queue_max_delay_s=1)
+    )
     assert (batcher.queues["small"].max_batch, batcher.queues["echo"].max_batch) == (2, 4)
     rows = [batcher.reserve("small", 10) for _ in range(3)]
     with pytest.raises(Overloaded, match="3 requests are already waiting for small"):

@@ -1,7 +1,12 @@
 """The control channel between the front and a worker: small msgpack messages, length-prefixed.
 
 Tensor and image bytes never travel here; they sit in shared-memory slots, and messages carry
-only slot numbers, byte counts and metadata.
+only slot numbers, byte counts and metadata. A conversation::
+
+    front  -> worker   INIT (settings)            worker -> front   READY (signatures) or FAILED
+    front  -> worker   RUN (a batch)              worker -> front   DONE (its outcome), in order
+                                                  worker -> front   BEAT, every heartbeat period
+    front  -> worker   STOP: exit after the batches already sent
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ import asyncio
 import socket
 import struct
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Any, NotRequired, TypedDict
 
 import msgpack
 
@@ -20,7 +26,46 @@ MAX_MESSAGE_BYTES = 16 << 20
 RECV_BYTES = 1 << 16
 
 
-def encode(message: dict[str, Any]) -> bytes:
+class Op(StrEnum):
+    """What a message is (its ``op``); a ``StrEnum``, so that msgpack carries the plain word."""
+
+    INIT = "init"
+    READY = "ready"
+    FAILED = "failed"
+    RUN = "run"
+    DONE = "done"
+    BEAT = "beat"
+    STOP = "stop"
+
+
+class Run(TypedDict):
+    """A batch to run: ``rows`` rows laid out in ``slot``; an image request's bytes in its own slot."""
+
+    op: Op
+    id: int
+    model: str
+    slot: int
+    rows: int
+    images: list[list[int] | None]  # per row: [image slot, byte count], or None for a tensor row
+
+
+class Done(TypedDict):
+    """A batch's outcome: outputs are in its slot; per-row errors, or one error for the batch."""
+
+    op: Op
+    id: int
+    errors: NotRequired[list[dict | None]]
+    classes: NotRequired[list[list[dict]] | None]
+    error: NotRequired[dict]
+
+
+class Ready(TypedDict):
+    op: Op
+    pid: int
+    models: dict[str, dict]  # name -> ModelSignature.to_dict()
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
@@ -37,7 +82,7 @@ class BlockingChannel:
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: Mapping[str, Any]) -> None:
         data = encode(message)
         with self._send_lock:
             self._sock.sendall(data)
@@ -91,7 +136,7 @@ class ChannelProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: Mapping[str, Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(encode(message))
 

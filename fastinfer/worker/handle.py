@@ -18,7 +18,7 @@ from typing import Any
 from fastinfer.batcher import BatchDone, WorkerState
 from fastinfer.errors import FastInferError, ModelLoadError, WorkerDied
 from fastinfer.signature import ModelSignature
-from fastinfer.worker.channel import ChannelProtocol
+from fastinfer.worker.channel import ChannelProtocol, Op
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,13 @@ class WorkerHandle:
         _, self._channel = await loop.create_unix_connection(
             lambda: ChannelProtocol(self._on_message, self._on_lost), sock=parent
         )
-        self._channel.send({**self._init, "index": self.index, "cores": self.cores})
+        self._channel.send({**self._init, "op": Op.INIT, "index": self.index, "cores": self.cores})
         try:
             message = await asyncio.wait_for(asyncio.shield(self._first_message), timeout_s)
         except TimeoutError:
             self.kill()
             raise ModelLoadError(f"worker {self.index} was not warm within {timeout_s:.0f} s") from None
-        if message is None or message["op"] != "ready":
+        if message is None or message["op"] != Op.READY:
             self.kill()
             reason = message["message"] if message else "it exited while loading"
             raise ModelLoadError(f"worker {self.index} could not load its models: {reason}")
@@ -87,7 +87,7 @@ class WorkerHandle:
         self.last_heard_s = time.monotonic()
         if self._first_message is not None and not self._first_message.done():
             self._first_message.set_result(message)
-        elif message["op"] == "done":
+        elif message["op"] == Op.DONE:
             done, _ = self._pending.pop(message["id"], (None, 0.0))
             if done is not None:
                 _tell(done, message, None)
@@ -111,7 +111,7 @@ class WorkerHandle:
             raise WorkerDied(f"worker {self.index} is not running")
         self._next_id += 1
         self._pending[self._next_id] = (done, time.monotonic())
-        self._channel.send({**message, "op": "run", "id": self._next_id})
+        self._channel.send({**message, "op": Op.RUN, "id": self._next_id})
 
     async def _closed(self) -> None:
         if self._channel is not None:
@@ -138,7 +138,7 @@ class WorkerHandle:
         if self._process is None:
             return
         if self._channel is not None:
-            self._channel.send({"op": "stop"})
+            self._channel.send({"op": Op.STOP})
         try:
             await asyncio.wait_for(self._process.wait(), timeout_s)
         except TimeoutError:

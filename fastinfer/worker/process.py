@@ -26,7 +26,7 @@ from fastinfer.logs import configure_logging
 from fastinfer.malloc import keep_freed_blocks
 from fastinfer.shm import SlotMap
 from fastinfer.signature import BatchLayout
-from fastinfer.worker.channel import BlockingChannel
+from fastinfer.worker.channel import BlockingChannel, Done, Op, Run
 
 if TYPE_CHECKING:
     from fastinfer.worker.model import LoadedModel
@@ -77,7 +77,7 @@ def _pin_slots(slots: SlotMap, nbytes: int) -> None:
 def _beat(channel: BlockingChannel, interval_s: float, stop: threading.Event) -> None:
     while not stop.wait(interval_s):
         try:
-            channel.send({"op": "beat"})
+            channel.send({"op": Op.BEAT})
         except OSError:
             return
 
@@ -109,15 +109,15 @@ def serve(channel: BlockingChannel, slot_fd: int) -> int:
     except (FastInferError, ValueError) as error:
         message = error.message if isinstance(error, FastInferError) else str(error)
         log.error("%s", message)
-        channel.send({"op": "failed", "message": message})
+        channel.send({"op": Op.FAILED, "message": message})
         return 3
-    channel.send({"op": "ready", "pid": os.getpid(), "models": {n: m.signature.to_dict() for n, m in models.items()}})
+    channel.send({"op": Op.READY, "pid": os.getpid(), "models": {n: m.signature.to_dict() for n, m in models.items()}})
 
     stop = threading.Event()
     threading.Thread(target=_beat, args=(channel, init["heartbeat_s"], stop), daemon=True).start()
     try:
-        while (request := channel.recv()) is not None and request["op"] != "stop":
-            channel.send(_run(request, models, layouts, slots))
+        while (request := channel.recv()) is not None and request["op"] != Op.STOP:
+            channel.send(_run(request, models, layouts, slots))  # type: ignore[arg-type]  # a Run, by the protocol
     finally:
         stop.set()
     return 0
@@ -143,16 +143,20 @@ def _load(name: str, path: str, init: dict) -> LoadedModel:
         raise ValueError(f"model {name!r}: {error}") from error
 
 
-def _run(message: dict, models: dict, layouts: dict, slots: SlotMap) -> dict:
+def _run(message: Run, models: dict, layouts: dict, slots: SlotMap) -> Done:
     batch_id = message["id"]
     try:
         model = models[message["model"]]
         images = [None if image is None else slots.view(image[0])[: image[1]] for image in message["images"]]
         reply = model.run_batch(layouts[message["model"]], slots.view(message["slot"]), message["rows"], images)
-        return {"op": "done", "id": batch_id, **reply}
+        return {"op": Op.DONE, "id": batch_id, **reply}
     except Exception as error:  # a bug or a TVM failure fails the batch, not the worker
         log.exception("batch %s failed", batch_id)
-        return {"op": "done", "id": batch_id, "error": {"code": "internal_error", "status": 500, "message": str(error)}}
+        return {
+            "op": Op.DONE,
+            "id": batch_id,
+            "error": {"code": "internal_error", "status": 500, "message": str(error)},
+        }
 
 
 def main() -> None:
