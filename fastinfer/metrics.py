@@ -10,6 +10,7 @@ registry, so several servers (tests) can live in one process.
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+LOOP_LAG_PERIOD_S = 0.02
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -79,6 +81,13 @@ class Metrics:
             "fastinfer_compute_latency_seconds", "Time a worker took for a batch", ("model",), LATENCY_BUCKETS_S
         )
         self.batch_size = Histograms("fastinfer_batch_size", "Requests per batch", ("model",), BATCH_BUCKETS)
+        self.loop_lag = Histograms(
+            "fastinfer_event_loop_lag_seconds",
+            f"How late the event loop woke a task that slept {LOOP_LAG_PERIOD_S:g} s (its longest callback)",
+            (),
+            LATENCY_BUCKETS_S,
+        )
+        self.loop_lag_max_s = 0.0
         self.queue_depth = Gauge("fastinfer_queue_depth", "Requests waiting for a worker", ["model"], registry=r)
         self.worker_restarts = Counter("fastinfer_worker_restarts", "Workers started again", ["worker"], registry=r)
         self.workers_ready = Gauge("fastinfer_workers_ready", "Workers warm and serving", registry=r)
@@ -110,8 +119,29 @@ class Metrics:
         for protocol, count in self.in_flight.items():
             in_flight.add_metric([protocol], count)
         yield in_flight
-        for histograms in (self.request_latency, self.queue_latency, self.compute_latency, self.batch_size):
+        for histograms in (
+            self.request_latency,
+            self.queue_latency,
+            self.compute_latency,
+            self.batch_size,
+            self.loop_lag,
+        ):
             yield histograms.family()
+        yield GaugeMetricFamily(
+            "fastinfer_event_loop_lag_max_seconds", "The event loop's longest lag since start", self.loop_lag_max_s
+        )
+
+    async def sample_loop_lag(self, period_s: float = LOOP_LAG_PERIOD_S) -> None:
+        """Sleep ``period_s`` over and over, and count how late each wake-up comes: a callback that
+        holds the loop (parsing a large body, say) delays every request and heartbeat by as much."""
+        loop = asyncio.get_running_loop()
+        lag = self.loop_lag.tally()
+        while True:
+            asleep_s = loop.time()
+            await asyncio.sleep(period_s)
+            late_s = max(0.0, loop.time() - asleep_s - period_s)
+            lag.observe(late_s)
+            self.loop_lag_max_s = max(self.loop_lag_max_s, late_s)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

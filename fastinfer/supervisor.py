@@ -91,6 +91,7 @@ class Supervisor:
         self._next_index = 0
         self._replacing = asyncio.Lock()
         self._health_task: asyncio.Task | None = None
+        self._lag_task: asyncio.Task | None = None
         self._stopping = False
 
     @property
@@ -132,6 +133,7 @@ class Supervisor:
         self.pool.create()
         self._launch(self._generation)
         self._health_task = asyncio.create_task(self._watch_health())
+        self._lag_task = asyncio.create_task(self.metrics.sample_loop_lag())
 
     def _launch(self, generation: Generation) -> None:
         init = {
@@ -354,8 +356,7 @@ class Supervisor:
         """Stop every worker (killing those that overrun ``timeout_s``) and remove the shared memory."""
         self._stopping = True
         tasks = [t for g in self._live for t in g.tasks]
-        if self._health_task is not None:
-            tasks.append(self._health_task)
+        tasks += [task for task in (self._health_task, self._lag_task) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -55,3 +58,16 @@ def test_in_flight_rises_and_falls():
     metrics.request_started("http")
     metrics.request_ended("http")
     assert samples(metrics.exposition())[("fastinfer_in_flight", (("protocol", "http"),))] == 1
+
+
+async def test_a_callback_that_holds_the_loop_shows_as_loop_lag():
+    metrics = Metrics()
+    sampler = asyncio.create_task(metrics.sample_loop_lag(0.01))
+    await asyncio.sleep(0.05)
+    time.sleep(0.3)  # a callback that holds the loop, as parsing a large body on it would
+    await asyncio.sleep(0.05)
+    sampler.cancel()
+    text = metrics.exposition().decode()
+    assert metrics.loop_lag_max_s > 0.2
+    assert "fastinfer_event_loop_lag_max_seconds" in text
+    assert 'fastinfer_event_loop_lag_seconds_bucket{le="0.25"}' in text

@@ -133,6 +133,13 @@ class InferRequest:
     binary_data_output: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def wants_json_outputs(self) -> bool:
+        """Whether an output goes back as JSON ``data`` (whose encoding takes time in its size)."""
+        if self.outputs is None:
+            return not self.binary_data_output
+        return any(not output.binary for output in self.outputs)
+
 
 def parse_header_length(value: str | None) -> int | None:
     """The ``Inference-Header-Content-Length`` header's value as an int (None when absent)."""

@@ -4,7 +4,10 @@ An infer request whose batch dimension is N takes N rows of its model's batches,
 so its samples batch with other requests' like any other (any N: the metadata's batch dimension
 is -1); the outputs are stacked back in order. The body is received chunk by chunk into memory of
 the request's own, within the body timeout; a body past ``OFF_LOOP_BYTES`` is parsed (JSON with
-orjson, tensors converted) in a thread, so a large JSON body does not hold the event loop.
+orjson, tensors converted) in the one JSON thread, and a JSON reply past it is encoded there, so a
+large JSON body does not hold the event loop. One thread, not a pool: orjson holds the GIL for a
+whole document, so parses in parallel threads would only take turns at it, and the loop would wait
+behind all of them (32 clients of 5 MB bodies stalled it 500 ms); behind one, it waits one parse.
 Image models take encoded images, which KServe's numeric tensors cannot carry: they answer 400
 and point to ``/predictions``.
 """
@@ -13,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 from aiohttp import web
@@ -35,6 +41,8 @@ HEALTH_PATHS = (PREFIX + "/health/live", PREFIX + "/health/ready")  # open witho
 PLATFORM = "fastinfer_tvm"
 PROTOCOL = "v2"
 OFF_LOOP_BYTES = 64 << 10  # bodies past this are parsed in a thread (a thousand floats of JSON take ~0.2 ms)
+T = TypeVar("T")
+JSON_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinfer-json")
 
 
 class V2Routes:
@@ -107,10 +115,9 @@ class V2Routes:
         timeout_s = timeout_from(request, self.config.request_timeout_s)
         body = await self._receive(request)
         most_samples = self.supervisor.batcher.queues[signature.name].limits.queue_max_size
-        if len(body) > OFF_LOOP_BYTES:
-            parsed, data = await asyncio.to_thread(decode, body, header_length, signature, most_samples)
-        else:
-            parsed, data = decode(body, header_length, signature, most_samples)
+        parsed, data = await off_loop_if(
+            len(body) > OFF_LOOP_BYTES, decode, body, header_length, signature, most_samples
+        )
 
         # The body is read: look the model up again, in case its workers were replaced meanwhile.
         signature = self._signature(request)
@@ -137,8 +144,16 @@ class V2Routes:
         finally:
             for row in rows:
                 row.release()
-        headers, parts = kserve.build_infer_response(
-            signature.name, MODEL_VERSION, parsed.id, outputs, parsed.outputs, parsed.binary_data_output
+        large_json = parsed.wants_json_outputs and sum(array.nbytes for _, array in outputs) > OFF_LOOP_BYTES
+        headers, parts = await off_loop_if(
+            large_json,
+            kserve.build_infer_response,
+            signature.name,
+            MODEL_VERSION,
+            parsed.id,
+            outputs,
+            parsed.outputs,
+            parsed.binary_data_output,
         )
         return web.Response(body=b"".join(parts), headers=headers)
 
@@ -151,6 +166,14 @@ class V2Routes:
         too_long = lambda: PayloadTooLarge(f"the body is over the limit of {limit} bytes")  # noqa: E731
         nbytes = await read_body_into(request, buffer, too_long, self.config.body_timeout_s)
         return buffer[:nbytes]
+
+
+async def off_loop_if(condition: bool, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in the JSON thread when ``condition`` holds (work proportional to a large
+    tensor), else here on the loop (a small one costs less than the hand-over)."""
+    if not condition:
+        return function(*args)
+    return await asyncio.get_running_loop().run_in_executor(JSON_THREAD, function, *args)
 
 
 def decode(

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import threading
 
 import aiohttp
 import numpy as np
@@ -186,21 +187,25 @@ async def test_more_samples_than_a_batch_are_split_over_batches(http):
     np.testing.assert_array_equal(np.array(output["data"], np.float32).reshape(25, 16), data)
 
 
-async def test_a_large_json_body_is_parsed_off_the_loop(http, monkeypatch):
-    from fastinfer.server import v2
+async def test_a_large_json_body_is_parsed_and_answered_off_the_loop(http, monkeypatch):
+    from fastinfer.server import kserve, v2
 
     threads = []
-    real_to_thread = asyncio.to_thread
 
-    async def to_thread(function, *args):
-        threads.append(function.__name__)
-        return await real_to_thread(function, *args)
+    def recorded(function):
+        def run(*args):
+            threads.append((function.__name__, threading.current_thread().name.split("_")[0]))
+            return function(*args)
 
-    monkeypatch.setattr(v2.asyncio, "to_thread", to_thread)
-    monkeypatch.setattr(v2, "OFF_LOOP_BYTES", 1000)
+        return run
+
+    monkeypatch.setattr(v2, "decode", recorded(v2.decode))
+    monkeypatch.setattr(kserve, "build_infer_response", recorded(kserve.build_infer_response))
+    monkeypatch.setattr(v2, "OFF_LOOP_BYTES", 60)  # the 64 bytes of output are past it too
     data = [0.5] * 16
-    padding = " " * 2000  # a body past the bound: JSON allows any whitespace
-    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": data}]}) + padding
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": data}]})
     async with http.post("/v2/models/echo/infer", data=body.encode()) as response:
-        assert response.status == 200
-    assert threads == ["decode"]
+        assert response.status == 200 and (await response.json())["outputs"][0]["data"] == data
+    assert threads == [("decode", "fastinfer-json"), ("build_infer_response", "fastinfer-json")]
+    async with http.post("/v2/models/echo/infer", data=body.encode()[:-1]) as response:
+        assert response.status == 400, "a parse error in the thread is the same answer"
