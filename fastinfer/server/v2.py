@@ -3,10 +3,10 @@
 An infer request whose batch dimension is N takes N rows of its model's batches, one per sample,
 so its samples batch with other requests' like any other (any N: the metadata's batch dimension
 is -1); the outputs are stacked back in order (or written to the client's shared-memory region,
-see :mod:`.sysshm`, whose ``/v2/systemsharedmemory`` routes are here when it is allowed).
-The body is received chunk by chunk into memory of
-the request's own, within the body timeout; a body past ``OFF_LOOP_BYTES`` is parsed (JSON with
-orjson, tensors converted) in a thread, so a large JSON body does not hold the event loop.
+see :mod:`.sysshm`, whose ``/v2/systemsharedmemory`` routes are here, and answer 403 while it
+is off). The body is received chunk by chunk into memory of the request's own, within the body
+timeout; a body past ``OFF_LOOP_BYTES`` is parsed (JSON with orjson, tensors converted) in a
+thread, so a large JSON body does not hold the event loop.
 Image models take encoded images, which KServe's numeric tensors cannot carry: they answer 400
 and point to ``/predictions``.
 """
@@ -147,29 +147,33 @@ def decode(
 class SharedMemoryRoutes:
     """``/v2/systemsharedmemory``: Triton's system shared-memory extension, for local clients only."""
 
-    def __init__(self, regions: ClientRegions):
+    def __init__(self, regions: ClientRegions | None):
         self.regions = regions
 
-    def _local(self, request: web.Request) -> None:
+    def _local(self, request: web.Request) -> ClientRegions:
+        """The registry, once the client may use it (403 saying why not)."""
         v2infer.check_regions_allowed(self.regions, sysshm.is_local(request.remote))
+        assert self.regions is not None
+        return self.regions
 
     async def status(self, request: web.Request) -> web.Response:
-        self._local(request)
-        return json_response(self.regions.status(request.match_info.get("name", "")))
+        return json_response(self._local(request).status(request.match_info.get("name", "")))
 
     async def register(self, request: web.Request) -> web.Response:
-        self._local(request)
-        document = await request.json() if request.can_read_body else None
+        regions = self._local(request)
+        try:
+            document = await request.json() if request.can_read_body else None
+        except ValueError:
+            document = None
         if not isinstance(document, dict):
             raise BadRequest('the body must be a JSON object {"key", "offset", "byte_size"}')
-        self.regions.register(
+        regions.register(
             request.match_info["name"], document.get("key"), document.get("offset", 0), document.get("byte_size")
         )
         return web.Response()
 
     async def unregister(self, request: web.Request) -> web.Response:
-        self._local(request)
-        self.regions.unregister(request.match_info.get("name", ""))
+        self._local(request).unregister(request.match_info.get("name", ""))
         return web.Response()
 
 
@@ -194,12 +198,11 @@ def v2_app(supervisor: Supervisor, config: Config, regions: ClientRegions | None
         app.router.add_get(prefix, routes.model_metadata)
         app.router.add_get(prefix + "/ready", routes.model_ready)
         app.router.add_post(prefix + "/infer", routes.infer)
-    if regions is not None:
-        shm = SharedMemoryRoutes(regions)
-        for prefix in ("/systemsharedmemory", "/systemsharedmemory/region/{name}"):
-            app.router.add_get(prefix + "/status", shm.status)
-            app.router.add_post(prefix + "/unregister", shm.unregister)
-        app.router.add_post("/systemsharedmemory/region/{name}/register", shm.register)
+    shm = SharedMemoryRoutes(regions)  # with regions None (off), each answers 403 saying so
+    for prefix in ("/systemsharedmemory", "/systemsharedmemory/region/{name}"):
+        app.router.add_get(prefix + "/status", shm.status)
+        app.router.add_post(prefix + "/unregister", shm.unregister)
+    app.router.add_post("/systemsharedmemory/region/{name}/register", shm.register)
     return app
 
 
