@@ -58,9 +58,7 @@ def sync_session(url: str) -> None:
             assert response.id == f"r{batch}" and response.model_name == "echo" and response.model_version == "1"
         ints = triton.InferInput("input", [2, 4], "INT32")
         ints.set_data_from_numpy(np.arange(8, dtype=np.int32).reshape(2, 4) - 3)
-        np.testing.assert_array_equal(
-            client.infer("ints", [ints]).as_numpy("output"), np.arange(8).reshape(2, 4) - 3
-        )
+        np.testing.assert_array_equal(client.infer("ints", [ints]).as_numpy("output"), np.arange(8).reshape(2, 4) - 3)
 
         def code_of(call) -> grpc.StatusCode:
             with pytest.raises(InferenceServerException) as caught:
@@ -225,7 +223,12 @@ async def test_grpc_port_off_and_taken(tmp_path):
         taken = server.grpc.port
         other = Server(
             Config(
-                http_port=0, management_port=0, binary_port=0, grpc_port=taken, models=MODELS[:1], cache_dir=str(tmp_path)
+                http_port=0,
+                management_port=0,
+                binary_port=0,
+                grpc_port=taken,
+                models=MODELS[:1],
+                cache_dir=str(tmp_path),
             )
         )
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{taken}"):

@@ -162,7 +162,7 @@ async def test_a_link_out_of_dev_shm_is_refused(server, tmp_path):
 
 
 async def test_the_extension_is_off_by_default(tmp_path, regions):
-    key, handle = regions(ROW)
+    key, _handle = regions(ROW)
     client_fds = opened(key)
     async with running_server(tmp_path, models=MODELS, grpc_port=-1, **SETTINGS) as server:
 
