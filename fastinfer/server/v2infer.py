@@ -130,10 +130,11 @@ async def _infer(
             if spec.name in targets:
                 target = targets[spec.name]
                 views = [_bytes_of(result.outputs[j]) for result in results]
-                writes.append(lambda target=target, views=views: target.region.write_from(views, target.start))
-                ref = next(o.region for o in parsed.outputs or () if o.name == spec.name)
-                assert ref is not None
-                outputs.append((spec.name, kserve.WrittenToRegion((samples, *spec.shape), np.dtype(spec.dtype), ref)))
+                writes.append(_writer(target, views))
+                region_ref = next(o.region for o in parsed.outputs or () if o.name == spec.name)
+                assert region_ref is not None
+                shape = (samples, *spec.shape)
+                outputs.append((spec.name, kserve.WrittenToRegion(shape, np.dtype(spec.dtype), region_ref)))
             else:
                 outputs.append((spec.name, np.stack([result.outputs[j] for result in results])))
         written = [o for _, o in outputs if isinstance(o, kserve.WrittenToRegion)]
@@ -146,6 +147,10 @@ async def _infer(
 
 def _reader(source: _Transfer, views: list[memoryview], what: str) -> Callable[[], None]:
     return lambda: source.region.read_into(views, source.start, what)
+
+
+def _writer(target: _Transfer, views: list[memoryview]) -> Callable[[], None]:
+    return lambda: target.region.write_from(views, target.start)
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:
