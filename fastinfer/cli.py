@@ -23,6 +23,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help", "")
         if str(f.type).startswith("tuple"):
             parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        elif str(f.type) == "bool":  # --x-y / --no-x-y
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (env FASTINFER_{f.name.upper()})",
+            )
         else:
             parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (env FASTINFER_{f.name.upper()})")
 

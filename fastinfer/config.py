@@ -108,6 +108,11 @@ class Config:
     http_port: int = field(default=8080, metadata={"help": "HTTP inference port (0: any free port)"})
     management_port: int = field(default=8081, metadata={"help": "management port, bound to 127.0.0.1"})
     binary_port: int = field(default=8090, metadata={"help": "binary-protocol port"})
+    grpc_port: int = field(default=8085, metadata={"help": "KServe v2 gRPC port (0: off, -1: any free port)"})
+    allow_client_shm: bool = field(
+        default=False,
+        metadata={"help": "let local clients register shared-memory regions for tensors (Triton's extension)"},
+    )
     binary_socket: str = field(default="", metadata={"help": "also serve the binary protocol on this Unix socket"})
     cache_dir: str = field(
         default_factory=_default_cache_dir,
@@ -293,11 +298,16 @@ def _parse(f: dataclasses.Field, raw: str) -> object:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            return _BOOLS[raw.strip().lower()]
         if kind.startswith("tuple"):
             return tuple(item for item in raw.replace(",", " ").split() if item)
         return raw
-    except ValueError as error:
+    except (ValueError, KeyError) as error:
         raise ConfigError(f"FASTINFER_{f.name.upper()}={raw!r} is not a valid {kind}") from error
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def config_file_path(config_file: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -342,6 +352,10 @@ def _checked(f: dataclasses.Field, value: object, path: str) -> object:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         expected = "an integer"
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
     elif kind == "float":
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)

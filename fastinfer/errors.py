@@ -1,12 +1,29 @@
 """The one error tree of fastinfer.
 
 Errors a client can cause or see carry a stable ``code`` and the HTTP ``status`` to answer with;
-the binary protocol uses the same codes.
+the binary protocol uses the same codes, and the gRPC front the status :data:`GRPC_CODES` derives
+from the HTTP one.
 """
 
 from __future__ import annotations
 
 import math
+
+# The gRPC status of each HTTP status our errors carry, as Triton maps them (names of
+# ``grpc.StatusCode``: this module imports no grpc). UNAVAILABLE is the one gRPC clients retry.
+GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "ALREADY_EXISTS",
+    413: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 
 
 class FastInferError(Exception):
@@ -22,6 +39,11 @@ class FastInferError(Exception):
             self.code = code
         if status is not None:
             self.status = status
+
+    @property
+    def grpc_code(self) -> str:
+        """The gRPC status to answer with (a ``grpc.StatusCode`` name), derived from the HTTP status."""
+        return GRPC_CODES.get(self.status, "UNKNOWN" if self.status < 500 else "INTERNAL")
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
@@ -69,6 +91,20 @@ class Unauthorized(FastInferError):
 
     code = "unauthorized"
     status = 401
+
+
+class Forbidden(FastInferError):
+    """The request is authenticated, or needs no token, but may not do this (client shared memory)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class AlreadyExists(FastInferError):
+    """A name the request would register is taken."""
+
+    code = "already_exists"
+    status = 409
 
 
 class PayloadTooLarge(FastInferError):

@@ -240,7 +240,8 @@ def main() -> None:
             [
                 sys.executable, "-m", "fastinfer", "serve", "--models",
                 f"identity={folder / 'identity.onnx'}", f"quadrants={images}",
-                "--http-port", "0", "--management-port", "0", "--binary-port", "0", "--cache-dir", str(folder),
+                "--http-port", "0", "--management-port", "0", "--binary-port", "0", "--grpc-port", "0",
+                "--cache-dir", str(folder),
             ],
             stderr=log.open("w"),
         )  # fmt: skip

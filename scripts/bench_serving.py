@@ -232,7 +232,7 @@ def start_fastinfer(
     models = ["--models", f"{name}={archive}"] if archive is not None else []
     command = [
         sys.executable, "-m", "fastinfer", "serve", *models,
-        "--http-port", "0", "--management-port", "0", "--binary-port", "0",
+        "--http-port", "0", "--management-port", "0", "--binary-port", "0", "--grpc-port", "0",
         "--cache-dir", str(cache or folder / "cache"), "--devices", devices, "--queue-max-size", "1024",
     ]  # fmt: skip
     server = subprocess.Popen(command, stderr=log.open("w"))

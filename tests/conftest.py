@@ -41,7 +41,7 @@ async def running_server(tmp_path: Path, **settings) -> AsyncIterator:
     from fastinfer.config import Config
     from fastinfer.server.main import Server
 
-    defaults = {"http_port": 0, "management_port": 0, "binary_port": 0, "worker_start_timeout_s": 60}
+    defaults = {"http_port": 0, "management_port": 0, "binary_port": 0, "grpc_port": 0, "worker_start_timeout_s": 60}
     server = Server(Config(**{**defaults, "cache_dir": str(tmp_path), **settings}))
     await server.start()
     try:

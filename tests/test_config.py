@@ -192,3 +192,25 @@ def test_a_model_limit_overrides_the_server_wide_one_for_that_model_only(tmp_pat
 def test_a_malformed_model_limit_is_an_error_naming_it(spec, message):
     with pytest.raises(ConfigError, match=message):
         Config.from_sources({"model_limits": [spec]}, environ={})
+
+
+def test_switches_from_every_source(tmp_path):
+    """A bool field (allow_client_shm) reads from TOML booleans, words in the environment, and
+    --x / --no-x flags; anything else is an error naming it."""
+    import argparse
+
+    from fastinfer.cli import _add_config_flags
+
+    assert Config.from_sources(environ={}).allow_client_shm is False
+    assert Config.from_sources(environ={"FASTINFER_ALLOW_CLIENT_SHM": "yes"}).allow_client_shm is True
+    assert Config.from_sources(environ={"FASTINFER_ALLOW_CLIENT_SHM": "0"}).allow_client_shm is False
+    with pytest.raises(ConfigError, match="FASTINFER_ALLOW_CLIENT_SHM='maybe'"):
+        Config.from_sources(environ={"FASTINFER_ALLOW_CLIENT_SHM": "maybe"})
+    assert read_config_file(write(tmp_path / "a.toml", "allow_client_shm = true\n")) == {"allow_client_shm": True}
+    with pytest.raises(ConfigError, match="allow_client_shm must be true or false"):
+        read_config_file(write(tmp_path / "b.toml", 'allow_client_shm = "yes"\n'))
+    parser = argparse.ArgumentParser()
+    _add_config_flags(parser)
+    assert parser.parse_args(["--allow-client-shm"]).allow_client_shm is True
+    assert parser.parse_args(["--no-allow-client-shm"]).allow_client_shm is False
+    assert parser.parse_args([]).allow_client_shm is None  # not given: the other sources decide

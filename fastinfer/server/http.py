@@ -25,6 +25,7 @@ from fastinfer.server.access import AccessLog, bearer_auth, guard_server
 from fastinfer.server.admission import RETRY_AFTER_S, check_version, read_body_into, timeout_from
 from fastinfer.server.jsonbody import json_response
 from fastinfer.server.jsonerrors import errors_as_json
+from fastinfer.server.sysshm import ClientRegions
 from fastinfer.signature import ModelSignature
 from fastinfer.supervisor import Supervisor
 
@@ -112,7 +113,9 @@ class InferenceRoutes:
         return buffer[:nbytes]
 
 
-def inference_app(supervisor: Supervisor, config: Config, access: AccessLog | None = None) -> web.Application:
+def inference_app(
+    supervisor: Supervisor, config: Config, access: AccessLog | None = None, regions: ClientRegions | None = None
+) -> web.Application:
     """``/ping``, ``/predictions/{model}[/{version}]`` and the KServe v2 sub-application, behind the
     port's guards."""
     middlewares: list[Middleware] = [access.middleware] if access is not None else []
@@ -125,7 +128,7 @@ def inference_app(supervisor: Supervisor, config: Config, access: AccessLog | No
     app.router.add_post("/predictions/{model}", routes.predict)
     app.router.add_post("/predictions/{model}/{version}", routes.predict)
     # The access log (outermost, above) records the sub-application's requests too, once.
-    app.add_subapp(v2.PREFIX, v2.v2_app(supervisor, config))
+    app.add_subapp(v2.PREFIX, v2.v2_app(supervisor, config, regions))
     return app
 
 

@@ -13,6 +13,10 @@ v2 REST spec and Triton's binary tensor data extension:
   the request says ``parameters.binary_data_output: true``. A response with any binary output is a
   JSON header plus raw bytes, with ``Inference-Header-Content-Length``; JSON outputs use flat
   ``data`` lists, as the spec and Triton do.
+- An input or output may instead name a client shared-memory region (Triton's system shared-memory
+  extension): ``parameters.shared_memory_region``, ``shared_memory_byte_size`` and optionally
+  ``shared_memory_offset``. The codec only parses the reference (:class:`RegionRef`); the routes
+  move the bytes (:mod:`.sysshm`).
 - Errors leave as ``{"error": message}``, which tritonclient raises as ``InferenceServerException``.
 
 A client that breaks these rules gets :class:`~fastinfer.errors.BadRequest` (400) with a message
@@ -89,20 +93,31 @@ def _shape_str(shape: Sequence[int]) -> str:
 
 
 @dataclass(frozen=True)
+class RegionRef:
+    """Bytes in a client's shared-memory region: ``byte_size`` at ``offset`` of region ``region``."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
 class InputTensor:
-    """One input: a view of the body (binary) or an array converted from JSON ``data``."""
+    """One input: a view of the body (binary), an array converted from JSON ``data``, or a
+    reference to a client's shared-memory region."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    data: memoryview | np.ndarray
+    data: memoryview | np.ndarray | RegionRef
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
     def raw_bytes(self) -> memoryview:
-        """The tensor as little-endian, row-major bytes, without copying."""
+        """The tensor as little-endian, row-major bytes, without copying (not for RegionRef data)."""
+        assert not isinstance(self.data, RegionRef)
         if isinstance(self.data, memoryview):
             return self.data
         return self.data.reshape(-1).view(np.uint8).data
@@ -111,6 +126,7 @@ class InputTensor:
         """The tensor as an array of its shape; a read-only view of the body for binary inputs."""
         if isinstance(self.data, np.ndarray):
             return self.data
+        assert not isinstance(self.data, RegionRef)
         return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
 
 
@@ -121,6 +137,7 @@ class RequestedOutput:
     name: str
     binary: bool
     class_count: int = 0
+    region: RegionRef | None = None
 
 
 @dataclass
@@ -249,8 +266,17 @@ def _parse_input(item: Any, index: int, body: memoryview, offset: int, binary_al
         raise BadRequest(f"{where}: {error.message}") from None
 
     parameters = _object(item.get("parameters"), f'{where}: "parameters"')
+    count = math.prod(shape)
+    holds = f"shape {_shape_str(shape)} holds {count} {datatype} elements"
     if "shared_memory_region" in parameters:
-        raise BadRequest(f"{where}: shared-memory inputs are not supported; send the data in the body")
+        if "data" in item or "binary_data_size" in parameters:
+            raise BadRequest(f"{where} names a shared-memory region and also carries data; give one")
+        region = region_ref(parameters, where)
+        if region.byte_size != count * dtype.itemsize:
+            raise BadRequest(
+                f"{where}: {holds} ({count * dtype.itemsize} bytes) but shared_memory_byte_size is {region.byte_size}"
+            )
+        return InputTensor(name, dtype, tuple(shape), region), 0
     has_data = "data" in item
     has_size = "binary_data_size" in parameters
     if has_data and has_size:
@@ -258,8 +284,6 @@ def _parse_input(item: Any, index: int, body: memoryview, offset: int, binary_al
     if not has_data and not has_size:
         raise BadRequest(f'{where} has neither "data" nor "parameters.binary_data_size"')
 
-    count = math.prod(shape)
-    holds = f"shape {_shape_str(shape)} holds {count} {datatype} elements"
     if has_data:
         array = _json_tensor(item["data"], dtype, tuple(shape), f"{where}: {holds}", where, datatype)
         return InputTensor(name, dtype, tuple(shape), array), 0
@@ -330,14 +354,31 @@ def _parse_outputs(outputs_json: Any, binary_default: bool) -> list[RequestedOut
         if any(o.name == name for o in outputs):
             raise BadRequest(f"{where} is requested twice")
         parameters = _object(item.get("parameters"), f'{where}: "parameters"')
-        if "shared_memory_region" in parameters:
-            raise BadRequest(f"{where}: shared-memory outputs are not supported")
+        region = region_ref(parameters, where) if "shared_memory_region" in parameters else None
         binary = _bool(parameters.get("binary_data", binary_default), f'{where}: "binary_data"')
         class_count = parameters.get("classification", 0)
         if type(class_count) is not int or class_count < 0:
             raise BadRequest(f'{where}: "classification" must be a non-negative integer')
-        outputs.append(RequestedOutput(name, binary, class_count))
+        if region is not None and class_count:
+            raise BadRequest(f"{where}: classification cannot go to a shared-memory region")
+        outputs.append(RequestedOutput(name, binary, class_count, region))
     return outputs
+
+
+def region_ref(parameters: dict[str, Any], where: str) -> RegionRef:
+    """The ``shared_memory_*`` parameters of a tensor (JSON values, or gRPC parameters as values)."""
+    region = parameters["shared_memory_region"]
+    if not isinstance(region, str) or not region:
+        raise BadRequest(f'{where}: "shared_memory_region" must be a non-empty string')
+    if "shared_memory_byte_size" not in parameters:
+        raise BadRequest(f'{where} names a shared-memory region but no "shared_memory_byte_size"')
+    values = []
+    for key in ("shared_memory_byte_size", "shared_memory_offset"):
+        value = parameters.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise BadRequest(f'{where}: "{key}" must be a non-negative integer')
+        values.append(value)
+    return RegionRef(region, values[0], values[1])
 
 
 # -- checking against the model ------------------------------------------------------------------
@@ -355,11 +396,33 @@ def validate_outputs(request: InferRequest, signature_outputs: Sequence[TensorSp
 # -- responses -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WrittenToRegion:
+    """An output the routes wrote into the client's region: the response says where, not what."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    region: RegionRef
+
+
+def region_entry(name: str, written: WrittenToRegion) -> dict[str, Any]:
+    """An output's entry in the response when it went to a region, as Triton writes it."""
+    return {
+        "name": name,
+        "datatype": numpy_to_kserve(written.dtype),
+        "shape": list(written.shape),
+        "parameters": {
+            "shared_memory_region": written.region.region,
+            "shared_memory_byte_size": math.prod(written.shape) * written.dtype.itemsize,
+        },
+    }
+
+
 def build_infer_response(
     model_name: str,
     model_version: str | None,
     request_id: str | None,
-    outputs: Sequence[tuple[str, np.ndarray]],
+    outputs: Sequence[tuple[str, np.ndarray | WrittenToRegion]],
     requested: Sequence[RequestedOutput] | None = None,
     binary_default: bool = False,
     labels: Sequence[str] | None = None,
@@ -381,9 +444,13 @@ def build_infer_response(
         if want.name not in arrays:
             given = ", ".join(f'"{name}"' for name in arrays)
             raise BadRequest(f'unknown output "{want.name}"; the model gives {given}')
-        array = np.asarray(arrays[want.name])
+        value = arrays[want.name]
+        if isinstance(value, WrittenToRegion):
+            header_outputs.append(region_entry(want.name, value))
+            continue
+        array = np.asarray(value)
         if want.class_count:
-            strings = _classify(array, want.class_count, labels)
+            strings = classify(array, want.class_count, labels)
             entry: dict[str, Any] = {"name": want.name, "datatype": "BYTES", "shape": list(strings.shape)}
             if want.binary:
                 raw = b"".join(len(s).to_bytes(4, "little") + s for s in strings.reshape(-1).tolist())
@@ -421,7 +488,7 @@ def _little_endian_bytes(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
-def _classify(array: np.ndarray, class_count: int, labels: Sequence[str] | None) -> np.ndarray:
+def classify(array: np.ndarray, class_count: int, labels: Sequence[str] | None) -> np.ndarray:
     """Top ``class_count`` entries of each batch row (first dim), best first, ties by index."""
     rows = array.reshape(array.shape[0] if array.ndim > 1 else 1, -1)
     k = min(class_count, rows.shape[1])

@@ -33,9 +33,11 @@ from fastinfer.malloc import keep_freed_blocks
 from fastinfer.server import systemd
 from fastinfer.server.access import AccessLog, guard_server
 from fastinfer.server.binary import BinaryServer
+from fastinfer.server.grpc_v2 import GrpcFront
 from fastinfer.server.http import inference_app, runner_for, start_runner
 from fastinfer.server.management import TEST_RUNTIME_PREFIX, management_app
 from fastinfer.server.service import Service
+from fastinfer.server.sysshm import ClientRegions
 from fastinfer.supervisor import Supervisor
 
 log = logging.getLogger("fastinfer")
@@ -58,6 +60,9 @@ class Server:
         self._runners: list[web.AppRunner] = []
         self.binary = BinaryServer(self.supervisor, config)
         self.access_log = AccessLog()
+        # Client shared memory (off by default): registered regions, shared by the v2 fronts.
+        self.regions = ClientRegions(lambda: [self.supervisor.pool.fd]) if config.allow_client_shm else None
+        self.grpc = GrpcFront(self.supervisor, config, self.regions)
 
     async def start(self) -> None:
         """Open the listeners, then start the workers. A model file that is not there, or a port
@@ -66,7 +71,7 @@ class Server:
         cache.remove_stale_staging(self.config.cache_dir)
         self.access_log.start()
         try:
-            inference = inference_app(self.supervisor, self.config, self.access_log)
+            inference = inference_app(self.supervisor, self.config, self.access_log, self.regions)
             await self._listen(inference, self.config.host, self.config.http_port, systemd.HTTP)
             management = management_app(self.supervisor, self.config, self.access_log)
             await self._listen(management, MANAGEMENT_HOST, self.config.management_port, systemd.MANAGEMENT)
@@ -76,6 +81,9 @@ class Server:
             where = f"{self.config.host}:{self.config.binary_port}"
             with _cannot_listen(f"{where} and {self.config.binary_socket}" if self.config.binary_socket else where):
                 await self.binary.start(binary[0] if binary else None)
+            if self.config.grpc_port:
+                with _cannot_listen(f"{self.config.host}:{self.config.grpc_port} (gRPC)"):
+                    await self.grpc.start()
             self.supervisor.start()
         except BaseException:
             await self.stop()
@@ -114,8 +122,12 @@ class Server:
     async def stop(self) -> None:
         """Stop accepting; let requests in flight finish (within the timeout); stop the workers."""
         timeout_s = self.config.shutdown_timeout_s
-        await asyncio.gather(self.binary.stop(timeout_s), *(runner.cleanup() for runner in self._runners))
+        await asyncio.gather(
+            self.binary.stop(timeout_s), self.grpc.stop(timeout_s), *(runner.cleanup() for runner in self._runners)
+        )
         self._runners.clear()
+        if self.regions is not None:
+            self.regions.close()
         await self.supervisor.stop(self.config.shutdown_timeout_s)
         self.access_log.stop()
 
@@ -176,7 +188,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> Non
     loop.add_signal_handler(signal.SIGHUP, service.request_reload)
     await server.start()
     log.info(
-        "serving %s: http://%s:%d, management http://%s:%d, binary tcp://%s:%d",
+        "serving %s: http://%s:%d, management http://%s:%d, binary tcp://%s:%d, gRPC %s",
         ", ".join(sorted(server.supervisor.model_paths)),
         config.host,
         server.http_port,
@@ -184,6 +196,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> Non
         server.management_port,
         config.host,
         server.binary.port,
+        f"{config.host}:{server.grpc.port}" if server.grpc.port else "off",
     )
     service.start()
     gc.freeze()  # what start-up made lives as long as the server: full collections need not walk it

@@ -2,12 +2,14 @@
 
 An infer request whose batch dimension is N takes N rows of its model's batches, one per sample,
 so its samples batch with other requests' like any other (any N: the metadata's batch dimension
-is -1); the outputs are stacked back in order. The body is received chunk by chunk into memory of
-the request's own, within the body timeout; a body past ``OFF_LOOP_BYTES`` is parsed (JSON with
-orjson, tensors converted) in the one JSON thread, and a JSON reply past it is encoded there, so a
-large JSON body does not hold the event loop. One thread, not a pool: orjson holds the GIL for a
-whole document, so parses in parallel threads would only take turns at it, and the loop would wait
-behind all of them (32 clients of 5 MB bodies stalled it 500 ms); behind one, it waits one parse.
+is -1); the outputs are stacked back in order (or written to the client's shared-memory region,
+see :mod:`.sysshm`, whose ``/v2/systemsharedmemory`` routes are here, and answer 403 while it
+is off). The body is received chunk by chunk into memory of the request's own, within the body
+timeout; a body past ``OFF_LOOP_BYTES`` is parsed (JSON with orjson, tensors converted) in the
+one JSON thread, and a JSON reply past it is encoded there, so a large JSON body does not hold the
+event loop. One thread, not a pool: orjson holds the GIL for a whole document, so parses in
+parallel threads would only take turns at it, and the loop would wait behind all of them (32
+clients of 5 MB bodies stalled it 500 ms); behind one, it waits one parse.
 Image models take encoded images, which KServe's numeric tensors cannot carry: they answer 400
 and point to ``/predictions``.
 """
@@ -25,15 +27,16 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from fastinfer import __version__
-from fastinfer.batcher import Row
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
 from fastinfer.protocol import aligned_buffer
-from fastinfer.server import kserve
+from fastinfer.server import kserve, sysshm, v2infer
 from fastinfer.server.access import CHECKS_TOKEN, bearer_auth
 from fastinfer.server.admission import MODEL_VERSION, RETRY_AFTER_S, check_version, read_body_into, timeout_from
+from fastinfer.server.jsonbody import json_response
 from fastinfer.server.jsonerrors import errors_as
-from fastinfer.signature import ModelSignature, TensorSpec, samples_of
+from fastinfer.server.sysshm import ClientRegions
+from fastinfer.signature import ModelSignature, TensorSpec
 from fastinfer.supervisor import Supervisor
 
 PREFIX = "/v2"
@@ -48,13 +51,15 @@ JSON_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinfer-js
 class V2Routes:
     """Handlers of the ``/v2`` routes for one server."""
 
-    def __init__(self, supervisor: Supervisor, config: Config):
+    def __init__(self, supervisor: Supervisor, config: Config, regions: ClientRegions | None = None):
         self.supervisor = supervisor
         self.config = config
         self.metrics = supervisor.metrics
+        self.regions = regions
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(kserve.server_metadata(__version__))
+        extensions = [*kserve.SUPPORTED_EXTENSIONS, *([sysshm.EXTENSION] if self.regions is not None else [])]
+        return web.json_response(kserve.server_metadata(__version__, extensions))
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -115,38 +120,15 @@ class V2Routes:
         timeout_s = timeout_from(request, self.config.request_timeout_s)
         body = await self._receive(request)
         most_samples = self.supervisor.batcher.queues[signature.name].limits.queue_max_size
-        parsed, data = await off_loop_if(
-            len(body) > OFF_LOOP_BYTES, decode, body, header_length, signature, most_samples
-        )
+        parsed = await off_loop_if(len(body) > OFF_LOOP_BYTES, decode, body, header_length, signature, most_samples)
 
         # The body is read: look the model up again, in case its workers were replaced meanwhile.
         signature = self._signature(request)
-        batcher = self.supervisor.batcher
-        samples = parsed.inputs[0].shape[0] if parsed.inputs else 1
-
-        rows: list[Row] = []
-        try:
-            for _ in range(samples):
-                rows.append(batcher.reserve(signature.name, timeout_s))
-            for k, spec in enumerate(signature.inputs):
-                raw = data[spec.name]
-                for i, row in enumerate(rows):
-                    with row.input_view(k) as view:
-                        view[:] = raw[i * spec.nbytes : (i + 1) * spec.nbytes]
-            sample_bytes = sum(spec.nbytes for spec in signature.inputs)
-            for row in rows:
-                row.filled(sample_bytes)
-            results = await asyncio.gather(*(row.result() for row in rows))
-            outputs = [
-                (spec.name, np.stack([result.outputs[j] for result in results]))
-                for j, spec in enumerate(signature.outputs)
-            ]
-        finally:
-            for row in rows:
-                row.release()
-        large_json = parsed.wants_json_outputs and sum(array.nbytes for _, array in outputs) > OFF_LOOP_BYTES
+        local = sysshm.is_local(request.remote)
+        outputs = await v2infer.infer(self.supervisor, signature, parsed, timeout_s, self.regions, local)
+        json_bytes = sum(array.nbytes for _, array in outputs if isinstance(array, np.ndarray))
         headers, parts = await off_loop_if(
-            large_json,
+            parsed.wants_json_outputs and json_bytes > OFF_LOOP_BYTES,
             kserve.build_infer_response,
             signature.name,
             MODEL_VERSION,
@@ -178,13 +160,44 @@ async def off_loop_if(condition: bool, function: Callable[..., T], *args: Any) -
 
 def decode(
     body: memoryview, header_length: int | None, signature: ModelSignature, max_samples: int
-) -> tuple[kserve.InferRequest, dict[str, memoryview]]:
-    """Parse and check an infer request, and each input's bytes (sans-IO: runs in a thread for large bodies)."""
+) -> kserve.InferRequest:
+    """Parse and check an infer request (sans-IO: runs in a thread for large bodies)."""
     parsed = kserve.parse_infer_request(body, header_length)
-    given = [(t.name, t.dtype, t.shape) for t in parsed.inputs]
-    samples_of(signature.inputs, given, max_samples, dtype_name=kserve.numpy_to_kserve)
-    kserve.validate_outputs(parsed, signature.outputs)
-    return parsed, {tensor.name: tensor.raw_bytes() for tensor in parsed.inputs}
+    v2infer.check(parsed, signature, max_samples)
+    return parsed
+
+
+class SharedMemoryRoutes:
+    """``/v2/systemsharedmemory``: Triton's system shared-memory extension, for local clients only."""
+
+    def __init__(self, regions: ClientRegions | None):
+        self.regions = regions
+
+    def _local(self, request: web.Request) -> ClientRegions:
+        """The registry, once the client may use it (403 saying why not)."""
+        v2infer.check_regions_allowed(self.regions, sysshm.is_local(request.remote))
+        assert self.regions is not None
+        return self.regions
+
+    async def status(self, request: web.Request) -> web.Response:
+        return json_response(self._local(request).status(request.match_info.get("name", "")))
+
+    async def register(self, request: web.Request) -> web.Response:
+        regions = self._local(request)
+        try:
+            document = await request.json() if request.can_read_body else None
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise BadRequest('the body must be a JSON object {"key", "offset", "byte_size"}')
+        regions.register(
+            request.match_info["name"], document.get("key"), document.get("offset", 0), document.get("byte_size")
+        )
+        return web.Response()
+
+    async def unregister(self, request: web.Request) -> web.Response:
+        self._local(request).unregister(request.match_info.get("name", ""))
+        return web.Response()
 
 
 def batched(specs: tuple[TensorSpec, ...], max_batch: int) -> list[TensorSpec]:
@@ -192,7 +205,7 @@ def batched(specs: tuple[TensorSpec, ...], max_batch: int) -> list[TensorSpec]:
     return [TensorSpec(spec.name, spec.dtype, (max_batch, *spec.shape)) for spec in specs]
 
 
-def v2_app(supervisor: Supervisor, config: Config) -> web.Application:
+def v2_app(supervisor: Supervisor, config: Config, regions: ClientRegions | None = None) -> web.Application:
     """The ``/v2`` routes, as a sub-application to mount at ``PREFIX``: its errors answer in KServe's
     shape, its bearer check (when the port has a token) included."""
     middlewares: list[Middleware] = [errors_as(kserve_error)]
@@ -200,7 +213,7 @@ def v2_app(supervisor: Supervisor, config: Config) -> web.Application:
         middlewares.append(bearer_auth(config.inference_token, HEALTH_PATHS))
     app = web.Application(middlewares=middlewares)
     app[CHECKS_TOKEN] = bool(config.inference_token)
-    routes = V2Routes(supervisor, config)
+    routes = V2Routes(supervisor, config, regions)
     app.router.add_get("", routes.server_metadata)  # PREFIX itself
     app.router.add_get("/health/live", routes.live)
     app.router.add_get("/health/ready", routes.ready)
@@ -208,6 +221,11 @@ def v2_app(supervisor: Supervisor, config: Config) -> web.Application:
         app.router.add_get(prefix, routes.model_metadata)
         app.router.add_get(prefix + "/ready", routes.model_ready)
         app.router.add_post(prefix + "/infer", routes.infer)
+    shm = SharedMemoryRoutes(regions)  # with regions None (off), each answers 403 saying so
+    for prefix in ("/systemsharedmemory", "/systemsharedmemory/region/{name}"):
+        app.router.add_get(prefix + "/status", shm.status)
+        app.router.add_post(prefix + "/unregister", shm.unregister)
+    app.router.add_post("/systemsharedmemory/region/{name}/register", shm.register)
     return app
 
 

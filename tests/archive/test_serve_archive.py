@@ -60,6 +60,7 @@ def config(tmp_path: Path, **fields) -> Config:
         http_port=0,
         management_port=0,
         binary_port=0,
+        grpc_port=0,
         cache_dir=str(tmp_path / "cache"),
         shm_slot_bytes=4 << 20,
         max_body_bytes=4 << 20,

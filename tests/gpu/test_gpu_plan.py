@@ -133,6 +133,7 @@ async def test_one_worker_per_gpu_named(tmp_path):
         http_port=0,
         management_port=0,
         binary_port=0,
+        grpc_port=0,
         cache_dir=str(tmp_path),
         models=("echo=echo:float32:4",),
         devices="cuda:0,cuda:1",

@@ -44,6 +44,7 @@ def gpu_config(tmp_path: Path, **fields) -> Config:
         http_port=0,
         management_port=0,
         binary_port=0,
+        grpc_port=0,
         cache_dir=str(tmp_path / "cache"),
         devices="cuda:0",
         shm_slot_bytes=16 << 20,

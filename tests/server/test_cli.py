@@ -29,6 +29,8 @@ def start_server(tmp_path):
             "0",
             "--binary-port",
             "0",
+            "--grpc-port",
+            "0",
             "--cache-dir",
             str(tmp_path),
         ],
@@ -81,7 +83,17 @@ def serve_until_exit(tmp_path, *flags: str) -> tuple[int, str, int]:
     """``fastinfer serve`` on free ports with ``flags`` on top, run until it exits by itself (it
     must, within the timeout); its exit status, its stderr and its pid."""
     command = [sys.executable, "-m", "fastinfer", "serve", "--host", "127.0.0.1", "--cache-dir", str(tmp_path)]
-    command += ["--http-port", "0", "--management-port", "0", "--binary-port", "0", *flags]  # the last flag wins
+    command += [
+        "--http-port",
+        "0",
+        "--management-port",
+        "0",
+        "--binary-port",
+        "0",
+        "--grpc-port",
+        "0",
+        *flags,
+    ]  # the last flag wins
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = process.communicate(timeout=60)

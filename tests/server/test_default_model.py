@@ -15,7 +15,9 @@ CATS = {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
 
 @pytest.fixture(scope="module")
 def config(cache_dir):
-    return Config(http_port=0, management_port=0, binary_port=0, cache_dir=str(cache_dir), worker_start_timeout_s=300)
+    return Config(
+        http_port=0, management_port=0, binary_port=0, grpc_port=0, cache_dir=str(cache_dir), worker_start_timeout_s=300
+    )
 
 
 @pytest.fixture

@@ -140,6 +140,8 @@ def serve_command(tmp_path: Path, *args: str) -> list[str]:
         "0",
         "--binary-port",
         "0",
+        "--grpc-port",
+        "0",
         "--cache-dir",
         str(tmp_path / "cache"),
         "--shm-slot-bytes",

@@ -21,6 +21,7 @@ async def start(tmp_path, **options):
         http_port=0,
         management_port=0,
         binary_port=0,
+        grpc_port=0,
         cache_dir=str(tmp_path),
         shm_slot_bytes=1 << 20,
         worker_heartbeat_s=0.2,
