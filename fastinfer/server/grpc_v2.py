@@ -23,7 +23,6 @@ The rules, after the Open Inference Protocol's gRPC spec and Triton's server:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
@@ -332,12 +331,14 @@ class GrpcFront:
         if timeout_s <= 0:
             raise DeadlineExceeded("the call's deadline passed before it was read")
 
+        most_samples = self.supervisor.batcher.queues[signature.name].limits.queue_max_size
+
         def parse() -> kserve.InferRequest:
             parsed = parse_infer_request(request)
-            v2infer.check(parsed, signature, self.config.queue_max_size)
+            v2infer.check(parsed, signature, most_samples)
             return parsed
 
-        parsed = await asyncio.to_thread(parse) if typed_element_count(request) > OFF_LOOP_ELEMENTS else parse()
+        parsed = await v2infer.parse_off_loop_if(typed_element_count(request) > OFF_LOOP_ELEMENTS, parse)
         local = sysshm.is_local(peer_host(context.peer()))
         outputs = await v2infer.infer(self.supervisor, signature, parsed, timeout_s, self.regions, local)
         return build_infer_response(signature.name, parsed, outputs)

@@ -6,21 +6,15 @@ is -1); the outputs are stacked back in order (or written to the client's shared
 see :mod:`.sysshm`, whose ``/v2/systemsharedmemory`` routes are here, and answer 403 while it
 is off). The body is received chunk by chunk into memory of the request's own, within the body
 timeout; a body past ``OFF_LOOP_BYTES`` is parsed (JSON with orjson, tensors converted) in the
-one JSON thread, and a JSON reply past it is encoded there, so a large JSON body does not hold the
-event loop. One thread, not a pool: orjson holds the GIL for a whole document, so parses in
-parallel threads would only take turns at it, and the loop would wait behind all of them (32
-clients of 5 MB bodies stalled it 500 ms); behind one, it waits one parse.
+parse thread (see :func:`.v2infer.parse_off_loop_if`), and a JSON reply past it is encoded there,
+so a large JSON body does not hold the event loop.
 Image models take encoded images, which KServe's numeric tensors cannot carry: they answer 400
 and point to ``/predictions``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
 
 import numpy as np
 from aiohttp import web
@@ -44,8 +38,6 @@ HEALTH_PATHS = (PREFIX + "/health/live", PREFIX + "/health/ready")  # open witho
 PLATFORM = "fastinfer_tvm"
 PROTOCOL = "v2"
 OFF_LOOP_BYTES = 64 << 10  # bodies past this are parsed in a thread (a thousand floats of JSON take ~0.2 ms)
-T = TypeVar("T")
-JSON_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinfer-json")
 
 
 class V2Routes:
@@ -120,14 +112,16 @@ class V2Routes:
         timeout_s = timeout_from(request, self.config.request_timeout_s)
         body = await self._receive(request)
         most_samples = self.supervisor.batcher.queues[signature.name].limits.queue_max_size
-        parsed = await off_loop_if(len(body) > OFF_LOOP_BYTES, decode, body, header_length, signature, most_samples)
+        parsed = await v2infer.parse_off_loop_if(
+            len(body) > OFF_LOOP_BYTES, decode, body, header_length, signature, most_samples
+        )
 
         # The body is read: look the model up again, in case its workers were replaced meanwhile.
         signature = self._signature(request)
         local = sysshm.is_local(request.remote)
         outputs = await v2infer.infer(self.supervisor, signature, parsed, timeout_s, self.regions, local)
         json_bytes = sum(array.nbytes for _, array in outputs if isinstance(array, np.ndarray))
-        headers, parts = await off_loop_if(
+        headers, parts = await v2infer.parse_off_loop_if(
             parsed.wants_json_outputs and json_bytes > OFF_LOOP_BYTES,
             kserve.build_infer_response,
             signature.name,
@@ -148,14 +142,6 @@ class V2Routes:
         too_long = lambda: PayloadTooLarge(f"the body is over the limit of {limit} bytes")  # noqa: E731
         nbytes = await read_body_into(request, buffer, too_long, self.config.body_timeout_s)
         return buffer[:nbytes]
-
-
-async def off_loop_if(condition: bool, function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` in the JSON thread when ``condition`` holds (work proportional to a large
-    tensor), else here on the loop (a small one costs less than the hand-over)."""
-    if not condition:
-        return function(*args)
-    return await asyncio.get_running_loop().run_in_executor(JSON_THREAD, function, *args)
 
 
 def decode(

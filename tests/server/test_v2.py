@@ -206,6 +206,6 @@ async def test_a_large_json_body_is_parsed_and_answered_off_the_loop(http, monke
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": data}]})
     async with http.post("/v2/models/echo/infer", data=body.encode()) as response:
         assert response.status == 200 and (await response.json())["outputs"][0]["data"] == data
-    assert threads == [("decode", "fastinfer-json"), ("build_infer_response", "fastinfer-json")]
+    assert threads == [("decode", "fastinfer-parse"), ("build_infer_response", "fastinfer-parse")]
     async with http.post("/v2/models/echo/infer", data=body.encode()[:-1]) as response:
         assert response.status == 400, "a parse error in the thread is the same answer"
