@@ -26,10 +26,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+# The front forks only to exec a worker at once, which needs none of gRPC's fork handlers; with
+# them on, gRPC logs at every worker start that it skipped them (its threads are busy).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import grpc
 import numpy as np
 
