@@ -1,6 +1,6 @@
 """The on-disk cache's build folders: entries built once, under a lock, through staging folders.
 
-An entry (a compiled model, an extracted archive) is built by one process at a time, under
+An entry (an extracted archive) is built by one process at a time, under
 ``<entry>.lock``, into a hidden staging folder beside it that is renamed into place once complete.
 An entry already in place is used without opening anything for writing, so a pre-built cache
 may be read-only.
@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 STAGING_PREFIX = ".staging-"
 STAGING_LOCK = "staging.lock"
 # The build folders under the cache dir, and how the staging their builders make is named: that of
-# ensure_entry (compiled models, extracted archives), and that of the default model's archive build
-# (pack.build_archive stages ``.<archive name>.*`` beside the archive it writes).
-STAGING_NAMES = {"compiled": STAGING_PREFIX, "archives": STAGING_PREFIX, "default": ".efficientnet_lite0-"}
+# ensure_entry (extracted archives), and that of archive builds (pack.build_archive stages
+# ``.<archive name>.*`` beside the archive it writes: the default model's, and plain ONNX files').
+STAGING_NAMES = {"archives": STAGING_PREFIX, "default": ".efficientnet_lite0-", "onnx": "."}
 
 
 def ensure_entry(entry: Path, complete_marker: str, build: Callable[[Path], None]) -> None:

@@ -14,9 +14,9 @@ from conftest import running_server
 from onnx import TensorProto, helper
 
 from fastinfer import cache
+from fastinfer.archive.cached import archive_for_onnx
 from fastinfer.archive.load import load
 from fastinfer.archive.pack import BuildOptions, build_archive
-from fastinfer.compiler import compile_onnx
 from fastinfer.errors import ModelLoadError
 
 
@@ -95,18 +95,18 @@ def test_read_only_helper_refuses_writes(tmp_path, read_only):
         (tmp_path / "d").mkdir()
 
 
-def test_a_read_only_pre_built_cache_serves_a_compiled_model(tmp_path, read_only):
+def test_a_read_only_pre_built_cache_serves_a_plain_onnx_file(tmp_path, read_only):
     source = relu_model(tmp_path / "relu.onnx")
-    built = compile_onnx(source, tmp_path / "cache", num_cores=1)
+    built = archive_for_onnx("relu", source, tmp_path / "cache", num_cores=1)
     read_only(tmp_path / "cache")
-    assert compile_onnx(source, tmp_path / "cache", num_cores=1) == built
+    assert archive_for_onnx("relu", source, tmp_path / "cache", num_cores=1) == built
 
 
 def test_a_read_only_cache_without_the_model_says_so(tmp_path, read_only):
     (tmp_path / "cache").mkdir()
     read_only(tmp_path / "cache")
     with pytest.raises(ModelLoadError, match=r"cannot write the cache .*: Read-only file system; a read-only cache"):
-        compile_onnx(relu_model(tmp_path / "relu.onnx"), tmp_path / "cache", num_cores=1)
+        archive_for_onnx("relu", relu_model(tmp_path / "relu.onnx"), tmp_path / "cache", num_cores=1)
 
 
 def test_a_read_only_pre_built_cache_serves_an_extracted_archive(tmp_path, read_only):
@@ -135,7 +135,7 @@ def test_a_read_only_pre_built_cache_serves_the_default_model(tmp_path, read_onl
 def leave_staging(cache_dir: Path) -> list[Path]:
     """What builds killed midway leave: staging folders and files in each build folder."""
     left = [
-        cache_dir / "compiled" / ".staging-k1ll3d",
+        cache_dir / "onnx" / ".relu-0123.fia.k1ll3d",
         cache_dir / "archives" / ".staging-m1dw4y",
         cache_dir / "default" / ".efficientnet_lite0-0123.fia.ab12cd",
     ]
@@ -147,10 +147,10 @@ def leave_staging(cache_dir: Path) -> list[Path]:
 
 
 def built_entry(cache_dir: Path) -> Path:
-    entry = cache_dir / "compiled" / "0123456789abcdef"
+    entry = cache_dir / "archives" / "0123456789abcdef"
     entry.mkdir(parents=True)
-    (entry / "signature.json").write_text("{}")
-    (cache_dir / "compiled" / "0123456789abcdef.lock").touch()
+    (entry / "manifest.json").write_text("{}")
+    (cache_dir / "archives" / "0123456789abcdef.lock").touch()
     return entry
 
 
@@ -165,7 +165,7 @@ async def test_staging_left_by_a_killed_build_is_removed_at_start(tmp_path):
     async with running_server(tmp_path, cache_dir=str(cache_dir), models=("echo=echo:float32:4",)) as server:
         assert server.supervisor.ready
         assert hidden(cache_dir) == []
-        assert (entry / "signature.json").exists(), "complete entries stay"
+        assert (entry / "manifest.json").exists(), "complete entries stay"
 
 
 def test_staging_of_a_live_build_is_kept_and_other_files_always(tmp_path):
@@ -173,7 +173,7 @@ def test_staging_of_a_live_build_is_kept_and_other_files_always(tmp_path):
     left = leave_staging(cache_dir)
     unrelated = cache_dir / "default" / ".not-staging"
     unrelated.touch()
-    with cache.building(cache_dir / "compiled" / "0123456789abcdef"):  # as another process, mid-build
+    with cache.building(cache_dir / "onnx" / "relu-0123.fia"):  # as another process, mid-build
         removed = cache.remove_stale_staging(cache_dir)
         assert left[0].exists(), "the folder being built in is left alone"
     assert left[0] not in removed and left[1] in removed and not left[1].exists()
@@ -187,8 +187,8 @@ def test_a_failed_build_leaves_no_staging(tmp_path):
         raise ModelLoadError("the compiler failed")
 
     with pytest.raises(ModelLoadError, match="the compiler failed"):
-        cache.ensure_entry(tmp_path / "compiled" / "abc", "signature.json", broken)
-    assert hidden(tmp_path) == [] and not (tmp_path / "compiled" / "abc").exists()
+        cache.ensure_entry(tmp_path / "archives" / "abc", "signature.json", broken)
+    assert hidden(tmp_path) == [] and not (tmp_path / "archives" / "abc").exists()
 
 
 def test_an_entry_is_built_once(tmp_path):
@@ -199,5 +199,5 @@ def test_an_entry_is_built_once(tmp_path):
         (staging / "signature.json").write_text("{}")
 
     for _ in range(2):
-        cache.ensure_entry(tmp_path / "compiled" / "abc", "signature.json", build)
-    assert len(builds) == 1 and (tmp_path / "compiled" / "abc" / "signature.json").exists()
+        cache.ensure_entry(tmp_path / "archives" / "abc", "signature.json", build)
+    assert len(builds) == 1 and (tmp_path / "archives" / "abc" / "signature.json").exists()

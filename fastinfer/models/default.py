@@ -3,42 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import time
 from importlib import resources
 from pathlib import Path
 from typing import TextIO, cast
 
 from fastinfer import cache
 from fastinfer.errors import ModelLoadError
+from fastinfer.logs import LogLines
 from fastinfer.preprocess import ImagePreprocess
 
 TOP_K = 5
 NAME = "efficientnet_lite0"
 
 log = logging.getLogger(__name__)
-
-
-class _LogLines(io.TextIOBase):
-    """A text stream that logs each line written to it at INFO, with the seconds since it was made:
-    the archive builder's progress, in a server's log. Not a terminal, so tuning progress comes a
-    line a minute."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.started = time.monotonic()
-        self._partial = ""
-
-    def write(self, text: str) -> int:
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        for line in lines:
-            if line.strip():
-                log.info("%s%s (%.0f s)", self.prefix, line.strip(), time.monotonic() - self.started)
-        return len(text)
 
 
 def weights_path() -> str:
@@ -144,7 +124,7 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
                     tune_trials=0 if shipped else FALLBACK_TUNE_TRIALS,
                     cache_dir=str(cache_dir),
                     use_stored_records=shipped,  # with records shipped, never search: serve soon
-                    stream=cast(TextIO, _LogLines(f"model {NAME}: ")),
+                    stream=cast(TextIO, LogLines(log, f"model {NAME}: ")),
                 ),
             )
     return path

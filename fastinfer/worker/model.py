@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastinfer.errors import FastInferError, ModelLoadError
-from fastinfer.preprocess import ImagePreprocess, preprocess_into
+from fastinfer.preprocess import preprocess_into
 from fastinfer.shm import ALIGNMENT
 from fastinfer.signature import BatchLayout, ModelSignature, cheapest_runs
 from fastinfer.worker.cuda import parse_device
-from fastinfer.worker.runtime import EchoRuntime, Runtime, TvmRuntime
+from fastinfer.worker.runtime import EchoRuntime, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,9 @@ def load_model(
 
     A GPU worker (``device`` ``cuda:N``) serves model archives with a CUDA library, and echo models.
     """
-    from fastinfer.compiler import compile_onnx
+    from fastinfer.archive.cached import archive_for_onnx
     from fastinfer.models import default
 
-    preprocess: ImagePreprocess | None = None
-    labels = None
-    top_k = 0
-    runtime: Runtime
     kind, _ = parse_device(device)
     if kind == "cuda" and not path.startswith("echo:") and not path.endswith(".fia"):
         what = "the default model" if path == "" else path
@@ -144,36 +140,25 @@ def load_model(
         )
     if path.startswith("echo:"):
         runtime = EchoRuntime.from_path(path)
-    elif path == "" or path.endswith(".fia"):
-        return _load_archive(
-            name, path, cache_dir=cache_dir, num_cores=num_cores, max_image_pixels=max_image_pixels, device=device
-        )
-    else:
-        if path == "":
-            onnx_path = str(default.onnx_path(cache_dir))
-            preprocess = default.preprocess(max_image_pixels)
-            labels = default.imagenet_labels()
-            top_k = default.TOP_K
-        else:
-            onnx_path = path
-        compiled = compile_onnx(onnx_path, cache_dir, num_cores)
-        runtime = TvmRuntime(compiled.library_path, compiled.inputs, compiled.outputs, compiled.batch_sizes)
-    runtime.load()
-    signature = ModelSignature(name, runtime.inputs, runtime.outputs, preprocess, top_k, runtime.batch_sizes)
-    log.info("model %s loaded", name)
-    return LoadedModel(signature, runtime, labels)
+        signature = ModelSignature(name, runtime.inputs, runtime.outputs, None, 0, runtime.batch_sizes)
+        log.info("model %s loaded", name)
+        return LoadedModel(signature, runtime, None)
+    if path == "":
+        path = str(default.archive_path(cache_dir, num_cores))
+    elif not path.endswith(".fia"):  # a plain ONNX file: served from the archive built of it
+        path = str(archive_for_onnx(name, path, cache_dir, num_cores))
+    return _load_archive(
+        name, path, cache_dir=cache_dir, num_cores=num_cores, max_image_pixels=max_image_pixels, device=device
+    )
 
 
 def _load_archive(
     name: str, path: str, *, cache_dir: str, num_cores: int, max_image_pixels: int, device: str = "cpu"
 ) -> LoadedModel:
-    """A model archive ("" is the default model's, built into the cache on first start)."""
+    """A model archive, extracted into the cache."""
     from fastinfer.archive.load import load
-    from fastinfer.models import default
     from fastinfer.worker.runtime import TvmArchiveRuntime
 
-    if path == "":
-        path = str(default.archive_path(cache_dir, num_cores))
     kind, index = parse_device(device)
     target_kind = "cuda" if kind == "cuda" else "llvm"
     archive = load(path, cache_dir, target_kind)

@@ -24,34 +24,6 @@ class Runtime(Protocol):
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...
 
 
-class TvmRuntime:
-    """A compiled Relax VM executable on the CPU. Inputs must be 64-byte aligned (zero-copy)."""
-
-    def __init__(
-        self,
-        library_path: Path,
-        inputs: tuple[TensorSpec, ...],
-        outputs: tuple[TensorSpec, ...],
-        batch_sizes: tuple[int, ...] | None,
-    ):
-        self.library_path = library_path
-        self.inputs = inputs
-        self.outputs = outputs
-        self.batch_sizes = batch_sizes
-        self._main = None
-
-    def load(self) -> None:
-        import tvm
-        from tvm.runtime.vm import VirtualMachine  # relax.VirtualMachine, without the compiler
-
-        vm = VirtualMachine(tvm.runtime.load_module(str(self.library_path)), tvm.cpu())
-        self._main = vm["main"]
-
-    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        assert self._main is not None, "load() first"
-        return _call(self._main, inputs)
-
-
 class EchoRuntime:
     """Returns its input as its output, after an optional delay: a stand-in for TVM in server tests.
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fastinfer.compiler import compile_onnx
+from fastinfer.archive.cached import archive_for_onnx
+from fastinfer.archive.load import load
 from fastinfer.models import default
 from fastinfer.models.pth import load_legacy_state_dict
 from fastinfer.preprocess import preprocess_into
 from fastinfer.worker.model import aligned_zeros
-from fastinfer.worker.runtime import TvmRuntime
+from fastinfer.worker.runtime import TvmArchiveRuntime
 
 # (kernel, stride, expand ratio, output channels, repeats) of EfficientNet-Lite0.
 BLOCKS = [
@@ -81,9 +82,11 @@ def reference_forward(weights, image):
 
 @pytest.fixture(scope="module")
 def compiled(cache_dir):
-    model = compile_onnx(default.onnx_path(cache_dir), cache_dir, num_cores=2)
-    assert model.batch_sizes is None, "the batch axis stays symbolic"
-    runtime = TvmRuntime(model.library_path, model.inputs, model.outputs, model.batch_sizes)
+    path = archive_for_onnx(default.NAME, default.onnx_path(cache_dir), cache_dir, num_cores=2)
+    archive = load(path, cache_dir, "llvm")
+    manifest = archive.manifest
+    assert manifest.batch_sizes is None, "the batch axis stays symbolic"
+    runtime = TvmArchiveRuntime(archive.library_paths("llvm"), manifest.inputs, manifest.outputs, None, "llvm", 0)
     runtime.load()
     return runtime
 
