@@ -1,4 +1,4 @@
-"""Regenerate fastinfer/server/proto/descriptor.py from open_inference_grpc.proto (needs grpcio-tools).
+"""Regenerate fastinfer/server/fronts/kserve/proto/descriptor.py from open_inference_grpc.proto (needs grpcio-tools).
 
 The server loads the proto's compiled descriptor into a descriptor pool of its own rather than
 protoc's usual ``*_pb2.py`` modules, which register ``inference.*`` in protobuf's default pool:

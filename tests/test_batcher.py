@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from fastinfer.batcher import Batcher, WorkerState
 from fastinfer.config import ModelLimits
 from fastinfer.errors import BadRequest, DeadlineExceeded, Overloaded, WorkerDied
+from fastinfer.server.batcher import Batcher, WorkerState
 from fastinfer.shm import SlotPool
 from fastinfer.signature import ModelSignature, TensorSpec
 

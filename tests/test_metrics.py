@@ -8,7 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastinfer.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S, Metrics
+from fastinfer.server.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S, Metrics
 
 LATENCIES = [0.0, 0.0001, 0.00011, 0.003, 0.005, 0.0050001, 0.2, 10, 11, 1e9]  # bounds, between, past the last
 

@@ -25,20 +25,20 @@ from collections.abc import Callable, Iterator, Mapping
 from aiohttp import web
 
 from fastinfer import cache
-from fastinfer.batcher import WorkerState
 from fastinfer.config import Config
 from fastinfer.errors import StartupError
 from fastinfer.logs import configure_logging
 from fastinfer.malloc import keep_freed_blocks
 from fastinfer.server import systemd
-from fastinfer.server.access import AccessLog, guard_server
-from fastinfer.server.binary import BinaryServer
-from fastinfer.server.grpc_v2 import GrpcFront
-from fastinfer.server.http import inference_app, runner_for, start_runner
-from fastinfer.server.management import TEST_RUNTIME_PREFIX, management_app
+from fastinfer.server.batcher import WorkerState
+from fastinfer.server.fronts.access import AccessLog, guard_server
+from fastinfer.server.fronts.binary import BinaryServer
+from fastinfer.server.fronts.http import inference_app, runner_for, start_runner
+from fastinfer.server.fronts.kserve.grpc_service import GrpcFront
+from fastinfer.server.fronts.kserve.sysshm import ClientRegions
+from fastinfer.server.fronts.management import TEST_RUNTIME_PREFIX, management_app
 from fastinfer.server.service import Service
-from fastinfer.server.sysshm import ClientRegions
-from fastinfer.supervisor import Supervisor
+from fastinfer.server.supervisor import Supervisor
 
 log = logging.getLogger("fastinfer")
 

@@ -23,9 +23,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fastinfer.batcher import WorkerState
 from fastinfer.config import Config
 from fastinfer.errors import FastInferError
+from fastinfer.server.batcher import WorkerState
 from fastinfer.server.systemd import Notifier, watchdog_interval_s, watchdog_loop
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ from conftest import running_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from fastinfer.server.grpc_v2 import peer_host
-from fastinfer.server.sysshm import is_local
+from fastinfer.server.fronts.kserve.grpc_service import peer_host
+from fastinfer.server.fronts.kserve.sysshm import is_local
 
 MODELS = ("echo=echo:float32:16", "ints=echo:int32:4", "slow=echo:float32:4:0.5")
 SETTINGS = {"shm_slot_bytes": 1 << 16, "shm_slots_per_worker": 8, "max_body_bytes": 1 << 16, "batch_max_size": 4}
@@ -248,7 +248,7 @@ def test_peers():
 def test_no_pb2_module_in_the_default_pool():
     """The server's messages live in a pool of their own: importing it beside tritonclient.grpc
     (already imported here) and loading every message does not clash."""
-    from fastinfer.server import proto
+    from fastinfer.server.fronts.kserve import proto
 
     assert len(proto.methods()) == 9
     assert proto.message("ModelInferRequest").DESCRIPTOR.file.pool is not service_pb2.DESCRIPTOR.pool

@@ -14,7 +14,7 @@ import pytest
 from conftest import running_server
 
 from fastinfer.errors import BadRequest
-from fastinfer.server.management import resolve_model_path
+from fastinfer.server.fronts.management import resolve_model_path
 
 
 @pytest.fixture

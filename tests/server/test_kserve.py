@@ -11,7 +11,7 @@ from tritonclient.http._utils import _get_error
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from fastinfer.errors import BadRequest, ModelNotFound
-from fastinfer.server.kserve import (
+from fastinfer.server.fronts.kserve.codec import (
     HEADER_LENGTH,
     InferRequest,
     RequestedOutput,

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from fastinfer.batcher import RowResult
 from fastinfer.protocol import FrameType, Request, encode_frame
 from fastinfer.protocol.frames import TensorDescriptor
-from fastinfer.server.binary import ReplyTemplate, _envelope
+from fastinfer.server.batcher import RowResult
+from fastinfer.server.fronts.binary import ReplyTemplate, _envelope
 from fastinfer.signature import ModelSignature, TensorSpec
 
 SIGNATURE = ModelSignature(

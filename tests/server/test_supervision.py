@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import fastinfer_segments
 
-from fastinfer.batcher import WorkerState
 from fastinfer.config import Config
+from fastinfer.server.batcher import WorkerState
 from fastinfer.server.main import Server
-from fastinfer.worker.handle import WorkerHandle
+from fastinfer.server.workers import WorkerHandle
 
 
 async def start(tmp_path, **options):

@@ -136,9 +136,9 @@ async def test_http_client_regions(server, regions):
 
 
 async def test_grpc_client_regions(server, regions, monkeypatch):
-    from fastinfer.server import v2infer
+    from fastinfer.server.fronts.kserve import inference
 
-    monkeypatch.setattr(v2infer, "OFF_LOOP_BYTES", 0)  # every region copy in a thread, as large ones go
+    monkeypatch.setattr(inference, "OFF_LOOP_BYTES", 0)  # every region copy in a thread, as large ones go
     await asyncio.to_thread(session, tgrpc, f"127.0.0.1:{server.grpc.port}", regions)
 
 

@@ -16,7 +16,7 @@ import tritonclient.http.aio as triton_aio
 from conftest import running_server
 from tritonclient.utils import InferenceServerException
 
-from fastinfer.batcher import WorkerState
+from fastinfer.server.batcher import WorkerState
 
 MODELS = ("echo=echo:float32:16", "ints=echo:int32:4")
 
@@ -188,7 +188,7 @@ async def test_more_samples_than_a_batch_are_split_over_batches(http):
 
 
 async def test_a_large_json_body_is_parsed_and_answered_off_the_loop(http, monkeypatch):
-    from fastinfer.server import kserve, v2
+    from fastinfer.server.fronts.kserve import codec, rest
 
     threads = []
 
@@ -199,9 +199,9 @@ async def test_a_large_json_body_is_parsed_and_answered_off_the_loop(http, monke
 
         return run
 
-    monkeypatch.setattr(v2, "decode", recorded(v2.decode))
-    monkeypatch.setattr(kserve, "build_infer_response", recorded(kserve.build_infer_response))
-    monkeypatch.setattr(v2, "OFF_LOOP_BYTES", 60)  # the 64 bytes of output are past it too
+    monkeypatch.setattr(rest, "decode", recorded(rest.decode))
+    monkeypatch.setattr(codec, "build_infer_response", recorded(codec.build_infer_response))
+    monkeypatch.setattr(rest, "OFF_LOOP_BYTES", 60)  # the 64 bytes of output are past it too
     data = [0.5] * 16
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": data}]})
     async with http.post("/v2/models/echo/infer", data=body.encode()) as response:

@@ -1,5 +1,5 @@
-"""The inference step both v2 codecs (REST in :mod:`.v2`, gRPC in :mod:`.grpc_v2`) share, once
-each has parsed its request into a :class:`~fastinfer.server.kserve.InferRequest`.
+"""The inference step both v2 codecs (REST in :mod:`.rest`, gRPC in :mod:`.grpc_service`) share, once
+each has parsed its request into a :class:`~fastinfer.server.fronts.kserve.codec.InferRequest`.
 
 Check the request against the model's signature; take one row per sample; fill each row from the
 request's bytes or from the client's shared-memory region; wait for the results; stack the outputs,
@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from fastinfer.batcher import Row
 from fastinfer.errors import BadRequest, Forbidden
-from fastinfer.server import kserve
-from fastinfer.server.sysshm import ClientRegions, Region
+from fastinfer.server.batcher import Row
+from fastinfer.server.fronts.kserve import codec
+from fastinfer.server.fronts.kserve.sysshm import ClientRegions, Region
+from fastinfer.server.supervisor import Supervisor
 from fastinfer.signature import ModelSignature, samples_of
-from fastinfer.supervisor import Supervisor
 
 OFF_LOOP_BYTES = 64 << 10  # region copies past this run in a thread (~20 us of memcpy)
 T = TypeVar("T")
@@ -33,7 +33,7 @@ T = TypeVar("T")
 # one, it waits one parse.
 PARSE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastinfer-parse")
 
-Outputs = list[tuple[str, np.ndarray | kserve.WrittenToRegion]]
+Outputs = list[tuple[str, np.ndarray | codec.WrittenToRegion]]
 
 
 async def parse_off_loop_if(condition: bool, function: Callable[..., T], *args: Any) -> T:
@@ -44,11 +44,11 @@ async def parse_off_loop_if(condition: bool, function: Callable[..., T], *args: 
     return await asyncio.get_running_loop().run_in_executor(PARSE_THREAD, function, *args)
 
 
-def check(parsed: kserve.InferRequest, signature: ModelSignature, max_samples: int) -> None:
+def check(parsed: codec.InferRequest, signature: ModelSignature, max_samples: int) -> None:
     """The request's inputs and outputs against the model (BadRequest naming the field)."""
     given = [(t.name, t.dtype, t.shape) for t in parsed.inputs]
-    samples_of(signature.inputs, given, max_samples, dtype_name=kserve.numpy_to_kserve)
-    kserve.validate_outputs(parsed, signature.outputs)
+    samples_of(signature.inputs, given, max_samples, dtype_name=codec.numpy_to_kserve)
+    codec.validate_outputs(parsed, signature.outputs)
 
 
 def check_regions_allowed(regions: ClientRegions | None, peer_local: bool) -> None:
@@ -68,7 +68,7 @@ class _Transfer:
 async def infer(
     supervisor: Supervisor,
     signature: ModelSignature,
-    parsed: kserve.InferRequest,
+    parsed: codec.InferRequest,
     timeout_s: float,
     regions: ClientRegions | None,
     peer_local: bool,
@@ -76,7 +76,7 @@ async def infer(
     """Run a checked request; the outputs in the model's order (all of them, requested or not).
     ``regions`` is None when client shared memory is off; ``peer_local`` says the client is on
     this machine."""
-    inputs_in_regions = any(isinstance(t.data, kserve.RegionRef) for t in parsed.inputs)
+    inputs_in_regions = any(isinstance(t.data, codec.RegionRef) for t in parsed.inputs)
     if inputs_in_regions or any(o.region is not None for o in parsed.outputs or ()):
         check_regions_allowed(regions, peer_local)
     held: list[Region] = []
@@ -91,7 +91,7 @@ async def infer(
 async def _infer(
     supervisor: Supervisor,
     signature: ModelSignature,
-    parsed: kserve.InferRequest,
+    parsed: codec.InferRequest,
     timeout_s: float,
     regions: ClientRegions | None,
     held: list[Region],
@@ -99,7 +99,7 @@ async def _infer(
     samples = parsed.inputs[0].shape[0] if parsed.inputs else 1
     by_name = {t.name: t for t in parsed.inputs}
 
-    def locate(ref: kserve.RegionRef, nbytes: int, what: str) -> _Transfer:
+    def locate(ref: codec.RegionRef, nbytes: int, what: str) -> _Transfer:
         assert regions is not None
         region = regions.acquire(ref.region)
         held.append(region)
@@ -111,7 +111,7 @@ async def _infer(
     sources: dict[str, _Transfer] = {}
     for spec in signature.inputs:
         ref = by_name[spec.name].data
-        if isinstance(ref, kserve.RegionRef):
+        if isinstance(ref, codec.RegionRef):
             sources[spec.name] = locate(ref, samples * spec.nbytes, f'input "{spec.name}"')
     targets: dict[str, _Transfer] = {}
     for want in parsed.outputs or ():
@@ -150,10 +150,10 @@ async def _infer(
                 region_ref = next(o.region for o in parsed.outputs or () if o.name == spec.name)
                 assert region_ref is not None
                 shape = (samples, *spec.shape)
-                outputs.append((spec.name, kserve.WrittenToRegion(shape, np.dtype(spec.dtype), region_ref)))
+                outputs.append((spec.name, codec.WrittenToRegion(shape, np.dtype(spec.dtype), region_ref)))
             else:
                 outputs.append((spec.name, np.stack([result.outputs[j] for result in results])))
-        written = [o for _, o in outputs if isinstance(o, kserve.WrittenToRegion)]
+        written = [o for _, o in outputs if isinstance(o, codec.WrittenToRegion)]
         await _run(writes, sum(math.prod(o.shape) * o.dtype.itemsize for o in written))
         return outputs
     finally:

@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 
 from fastinfer.errors import BadRequest, FastInferError
-from fastinfer.server.jsonbody import dumps as json_dumps
+from fastinfer.server.fronts.jsonbody import dumps as json_dumps
 from fastinfer.signature import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -21,13 +21,13 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from fastinfer.batcher import Batcher, WorkerState
 from fastinfer.config import Config
 from fastinfer.errors import FastInferError, ModelLoadError, ModelNotFound, ModelNotReady
-from fastinfer.metrics import Metrics
+from fastinfer.server.batcher import Batcher, WorkerState
+from fastinfer.server.metrics import Metrics
+from fastinfer.server.workers import WorkerHandle
 from fastinfer.shm import SlotPool, round_up
 from fastinfer.signature import ModelSignature
-from fastinfer.worker.handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The KServe v2 (Open Inference Protocol) routes: aiohttp glue around the sans-IO :mod:`.kserve` codec.
+"""The KServe v2 (Open Inference Protocol) routes: aiohttp glue around the sans-IO :mod:`.codec`.
 
 An infer request whose batch dimension is N takes N rows of its model's batches, one per sample,
 so its samples batch with other requests' like any other (any N: the metadata's batch dimension
@@ -6,7 +6,7 @@ is -1); the outputs are stacked back in order (or written to the client's shared
 see :mod:`.sysshm`, whose ``/v2/systemsharedmemory`` routes are here, and answer 403 while it
 is off). The body is received chunk by chunk into memory of the request's own, within the body
 timeout; a body past ``OFF_LOOP_BYTES`` is parsed (JSON with orjson, tensors converted) in the
-parse thread (see :func:`.v2infer.parse_off_loop_if`), and a JSON reply past it is encoded there,
+parse thread (see :func:`.inference.parse_off_loop_if`), and a JSON reply past it is encoded there,
 so a large JSON body does not hold the event loop.
 Image models take encoded images, which KServe's numeric tensors cannot carry: they answer 400
 and point to ``/predictions``.
@@ -24,14 +24,14 @@ from fastinfer import __version__
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
 from fastinfer.protocol import aligned_buffer
-from fastinfer.server import kserve, sysshm, v2infer
-from fastinfer.server.access import CHECKS_TOKEN, bearer_auth
 from fastinfer.server.admission import MODEL_VERSION, RETRY_AFTER_S, check_version, read_body_into, timeout_from
-from fastinfer.server.jsonbody import json_response
-from fastinfer.server.jsonerrors import errors_as
-from fastinfer.server.sysshm import ClientRegions
+from fastinfer.server.fronts.access import CHECKS_TOKEN, bearer_auth
+from fastinfer.server.fronts.jsonbody import json_response
+from fastinfer.server.fronts.jsonerrors import errors_as
+from fastinfer.server.fronts.kserve import codec, inference, sysshm
+from fastinfer.server.fronts.kserve.sysshm import ClientRegions
+from fastinfer.server.supervisor import Supervisor
 from fastinfer.signature import ModelSignature, TensorSpec
-from fastinfer.supervisor import Supervisor
 
 PREFIX = "/v2"
 HEALTH_PATHS = (PREFIX + "/health/live", PREFIX + "/health/ready")  # open without a token
@@ -50,8 +50,8 @@ class V2Routes:
         self.regions = regions
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        extensions = [*kserve.SUPPORTED_EXTENSIONS, *([sysshm.EXTENSION] if self.regions is not None else [])]
-        return web.json_response(kserve.server_metadata(__version__, extensions))
+        extensions = [*codec.SUPPORTED_EXTENSIONS, *([sysshm.EXTENSION] if self.regions is not None else [])]
+        return web.json_response(codec.server_metadata(__version__, extensions))
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -69,7 +69,7 @@ class V2Routes:
     async def model_metadata(self, request: web.Request) -> web.Response:
         signature = self._signature(request)
         max_batch = self.supervisor.batcher.queues[signature.name].max_batch
-        document = kserve.model_metadata(
+        document = codec.model_metadata(
             signature.name,
             [MODEL_VERSION],
             PLATFORM,
@@ -108,22 +108,22 @@ class V2Routes:
                 f"model {signature.name!r} takes encoded images, not tensors: POST the image to "
                 f"/predictions/{signature.name}"
             )
-        header_length = kserve.parse_header_length(request.headers.get(kserve.HEADER_LENGTH))
+        header_length = codec.parse_header_length(request.headers.get(codec.HEADER_LENGTH))
         timeout_s = timeout_from(request, self.config.request_timeout_s)
         body = await self._receive(request)
         most_samples = self.supervisor.batcher.queues[signature.name].limits.queue_max_size
-        parsed = await v2infer.parse_off_loop_if(
+        parsed = await inference.parse_off_loop_if(
             len(body) > OFF_LOOP_BYTES, decode, body, header_length, signature, most_samples
         )
 
         # The body is read: look the model up again, in case its workers were replaced meanwhile.
         signature = self._signature(request)
         local = sysshm.is_local(request.remote)
-        outputs = await v2infer.infer(self.supervisor, signature, parsed, timeout_s, self.regions, local)
+        outputs = await inference.infer(self.supervisor, signature, parsed, timeout_s, self.regions, local)
         json_bytes = sum(array.nbytes for _, array in outputs if isinstance(array, np.ndarray))
-        headers, parts = await v2infer.parse_off_loop_if(
+        headers, parts = await inference.parse_off_loop_if(
             parsed.wants_json_outputs and json_bytes > OFF_LOOP_BYTES,
-            kserve.build_infer_response,
+            codec.build_infer_response,
             signature.name,
             MODEL_VERSION,
             parsed.id,
@@ -146,10 +146,10 @@ class V2Routes:
 
 def decode(
     body: memoryview, header_length: int | None, signature: ModelSignature, max_samples: int
-) -> kserve.InferRequest:
+) -> codec.InferRequest:
     """Parse and check an infer request (sans-IO: runs in a thread for large bodies)."""
-    parsed = kserve.parse_infer_request(body, header_length)
-    v2infer.check(parsed, signature, max_samples)
+    parsed = codec.parse_infer_request(body, header_length)
+    inference.check(parsed, signature, max_samples)
     return parsed
 
 
@@ -161,7 +161,7 @@ class SharedMemoryRoutes:
 
     def _local(self, request: web.Request) -> ClientRegions:
         """The registry, once the client may use it (403 saying why not)."""
-        v2infer.check_regions_allowed(self.regions, sysshm.is_local(request.remote))
+        inference.check_regions_allowed(self.regions, sysshm.is_local(request.remote))
         assert self.regions is not None
         return self.regions
 
@@ -217,4 +217,4 @@ def v2_app(supervisor: Supervisor, config: Config, regions: ClientRegions | None
 
 def kserve_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """``{"error": message}``, which KServe v2 clients (tritonclient) show."""
-    return web.json_response(kserve.error_body(message), status=status, headers=headers)
+    return web.json_response(codec.error_body(message), status=status, headers=headers)

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any
 
-from fastinfer.batcher import BatchDone, WorkerState
 from fastinfer.errors import FastInferError, ModelLoadError, WorkerDied
+from fastinfer.server.batcher import BatchDone, WorkerState
 from fastinfer.signature import ModelSignature
 from fastinfer.worker.channel import ChannelProtocol, Op
 

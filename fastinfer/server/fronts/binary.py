@@ -30,7 +30,6 @@ from typing import Any, cast
 
 import numpy as np
 
-from fastinfer.batcher import Row
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge, RequestTimeout, Unauthorized
 from fastinfer.protocol import (
@@ -51,10 +50,11 @@ from fastinfer.protocol import (
     error_envelope,
     pack_tensors,
 )
-from fastinfer.server.access import token_matches
 from fastinfer.server.admission import check_version
+from fastinfer.server.batcher import Row
+from fastinfer.server.fronts.access import token_matches
+from fastinfer.server.supervisor import Supervisor
 from fastinfer.signature import ModelSignature, samples_of
-from fastinfer.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The inference HTTP app: ``/predictions``, ``/ping``, and the KServe v2 routes of :mod:`.v2`.
+"""The inference HTTP app: ``/predictions``, ``/ping``, and the KServe v2 routes of :mod:`.kserve.rest`.
 
 Handlers parse and copy bytes only: a body goes chunk by chunk straight into its row of a batch
 in shared memory, and everything heavier (decoding, numpy math) happens in the worker.
@@ -20,17 +20,17 @@ from fastinfer.errors import (
     PayloadTooLarge,
 )
 from fastinfer.protocol import aligned_buffer
-from fastinfer.server import v2
-from fastinfer.server.access import AccessLog, bearer_auth, guard_server
 from fastinfer.server.admission import RETRY_AFTER_S, check_version, read_body_into, timeout_from
-from fastinfer.server.jsonbody import json_response
-from fastinfer.server.jsonerrors import errors_as_json
-from fastinfer.server.sysshm import ClientRegions
+from fastinfer.server.fronts.access import AccessLog, bearer_auth, guard_server
+from fastinfer.server.fronts.jsonbody import json_response
+from fastinfer.server.fronts.jsonerrors import errors_as_json
+from fastinfer.server.fronts.kserve import rest
+from fastinfer.server.fronts.kserve.sysshm import ClientRegions
+from fastinfer.server.supervisor import Supervisor
 from fastinfer.signature import ModelSignature
-from fastinfer.supervisor import Supervisor
 
 LINGER_MAX_S = 10.0
-HEALTH_PATHS = ("/ping",)  # and the KServe routes' own (see v2.HEALTH_PATHS)
+HEALTH_PATHS = ("/ping",)  # and the KServe routes' own (see rest.HEALTH_PATHS)
 
 
 class InferenceRoutes:
@@ -128,7 +128,7 @@ def inference_app(
     app.router.add_post("/predictions/{model}", routes.predict)
     app.router.add_post("/predictions/{model}/{version}", routes.predict)
     # The access log (outermost, above) records the sub-application's requests too, once.
-    app.add_subapp(v2.PREFIX, v2.v2_app(supervisor, config, regions))
+    app.add_subapp(rest.PREFIX, rest.v2_app(supervisor, config, regions))
     return app
 
 

@@ -3,7 +3,7 @@
 grpcio's asyncio server runs on the front's own event loop (uvloop included: its completion queue
 is polled by a thread of grpcio's that wakes the loop through a socket), so its handlers are
 coroutines beside the HTTP and binary fronts', admitting requests through the same
-:mod:`.v2infer` step and batcher. Messages are parsed by protobuf's C code (upb); what is left in
+:mod:`.infer` step and batcher. Messages are parsed by protobuf's C code (upb); what is left in
 Python here is per tensor, not per element: raw contents are views copied once into the rows, typed
 contents are converted by numpy, in a thread when large.
 
@@ -40,11 +40,11 @@ import numpy as np
 from fastinfer import __version__
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, DeadlineExceeded, FastInferError, ModelNotReady, Unauthorized
-from fastinfer.server import kserve, proto, sysshm, v2infer
-from fastinfer.server.access import token_matches
 from fastinfer.server.admission import MODEL_VERSION, check_version
-from fastinfer.server.sysshm import ClientRegions
-from fastinfer.supervisor import Supervisor
+from fastinfer.server.fronts.access import token_matches
+from fastinfer.server.fronts.kserve import codec, inference, proto, sysshm
+from fastinfer.server.fronts.kserve.sysshm import ClientRegions
+from fastinfer.server.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ def typed_element_count(request: Any) -> int:
     return sum(len(getattr(t.contents, field)) for t in request.inputs for field in set(_CONTENTS_FIELD.values()))
 
 
-def parse_infer_request(request: Any) -> kserve.InferRequest:
+def parse_infer_request(request: Any) -> codec.InferRequest:
     """A ``ModelInferRequest`` as the same :class:`~.kserve.InferRequest` the REST codec makes."""
     raw = list(request.raw_input_contents)
     used_raw = 0
-    inputs: list[kserve.InputTensor] = []
+    inputs: list[codec.InputTensor] = []
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if not name:
@@ -102,18 +102,18 @@ def parse_infer_request(request: Any) -> kserve.InferRequest:
         if any(d < 0 for d in shape):
             raise BadRequest(f"{where}: the shape must hold non-negative integers, not {list(shape)}")
         try:
-            dtype = kserve.kserve_to_numpy(tensor.datatype)
+            dtype = codec.kserve_to_numpy(tensor.datatype)
         except BadRequest as error:
             raise BadRequest(f"{where}: {error.message}") from None
         nbytes = math.prod(shape) * dtype.itemsize
         holds = f"shape {list(shape)} holds {math.prod(shape)} {tensor.datatype} elements ({nbytes} bytes)"
         parameters = parameters_of(tensor.parameters)
         has_contents = tensor.HasField("contents")
-        data: memoryview | np.ndarray | kserve.RegionRef
+        data: memoryview | np.ndarray | codec.RegionRef
         if "shared_memory_region" in parameters:
             if has_contents:
                 raise BadRequest(f"{where} names a shared-memory region and also has contents; give one")
-            data = kserve.region_ref(parameters, where)
+            data = codec.region_ref(parameters, where)
             if data.byte_size != nbytes:
                 raise BadRequest(f"{where}: {holds} but shared_memory_byte_size is {data.byte_size}")
         elif raw:
@@ -127,11 +127,11 @@ def parse_infer_request(request: Any) -> kserve.InferRequest:
                 raise BadRequest(f"{where}: {holds} but its raw_input_contents entry has {len(data)} bytes")
         else:
             data = _typed(tensor, dtype, shape, where, holds)
-        inputs.append(kserve.InputTensor(name, dtype, shape, data))
+        inputs.append(codec.InputTensor(name, dtype, shape, data))
     if used_raw != len(raw):
         raise BadRequest(f"raw_input_contents has {len(raw)} entries but {used_raw} inputs take raw contents")
 
-    outputs: list[kserve.RequestedOutput] = []
+    outputs: list[codec.RequestedOutput] = []
     for index, wanted in enumerate(request.outputs):
         if not wanted.name:
             raise BadRequest(f"outputs[{index}] has no name")
@@ -139,14 +139,14 @@ def parse_infer_request(request: Any) -> kserve.InferRequest:
         if any(o.name == wanted.name for o in outputs):
             raise BadRequest(f"{where} is requested twice")
         parameters = parameters_of(wanted.parameters)
-        region = kserve.region_ref(parameters, where) if "shared_memory_region" in parameters else None
+        region = codec.region_ref(parameters, where) if "shared_memory_region" in parameters else None
         class_count = parameters.get("classification", 0)
         if type(class_count) is not int or class_count < 0:
             raise BadRequest(f'{where}: "classification" must be a non-negative integer')
         if region is not None and class_count:
             raise BadRequest(f"{where}: classification cannot go to a shared-memory region")
-        outputs.append(kserve.RequestedOutput(wanted.name, True, class_count, region))
-    return kserve.InferRequest(request.id or None, inputs, outputs or None, True, parameters_of(request.parameters))
+        outputs.append(codec.RequestedOutput(wanted.name, True, class_count, region))
+    return codec.InferRequest(request.id or None, inputs, outputs or None, True, parameters_of(request.parameters))
 
 
 def _typed(tensor: Any, dtype: np.dtype, shape: tuple[int, ...], where: str, holds: str) -> np.ndarray:
@@ -167,28 +167,28 @@ def _typed(tensor: Any, dtype: np.dtype, shape: tuple[int, ...], where: str, hol
 
 
 def build_infer_response(
-    model: str, request: kserve.InferRequest, outputs: v2infer.Outputs, labels: list[str] | None = None
+    model: str, request: codec.InferRequest, outputs: inference.Outputs, labels: list[str] | None = None
 ) -> Any:
     """The ``ModelInferResponse``: the requested outputs (all, when none is named), raw or in regions."""
     response = M["ModelInferResponse"](model_name=model, model_version=MODEL_VERSION, id=request.id or "")
     arrays = dict(outputs)
-    requested = request.outputs or [kserve.RequestedOutput(name, True) for name, _ in outputs]
+    requested = request.outputs or [codec.RequestedOutput(name, True) for name, _ in outputs]
     for want in requested:
         value = arrays[want.name]
         tensor = response.outputs.add(name=want.name)
-        if isinstance(value, kserve.WrittenToRegion):
-            entry = kserve.region_entry(want.name, value)
+        if isinstance(value, codec.WrittenToRegion):
+            entry = codec.region_entry(want.name, value)
             tensor.datatype, tensor.shape[:] = entry["datatype"], entry["shape"]
             tensor.parameters["shared_memory_region"].string_param = value.region.region
             tensor.parameters["shared_memory_byte_size"].int64_param = entry["parameters"]["shared_memory_byte_size"]
         elif want.class_count:
-            strings = kserve.classify(value, want.class_count, labels)
+            strings = codec.classify(value, want.class_count, labels)
             tensor.datatype, tensor.shape[:] = "BYTES", list(strings.shape)
             response.raw_output_contents.append(
                 b"".join(len(s).to_bytes(4, "little") + s for s in strings.reshape(-1).tolist())
             )
         else:
-            tensor.datatype, tensor.shape[:] = kserve.numpy_to_kserve(value.dtype), list(value.shape)
+            tensor.datatype, tensor.shape[:] = codec.numpy_to_kserve(value.dtype), list(value.shape)
             response.raw_output_contents.append(np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes())
     return response
 
@@ -287,14 +287,14 @@ class GrpcFront:
 
     async def ServerMetadata(self, request: Any, response: Any, context: Any) -> Any:
         response.name, response.version = "fastinfer", __version__
-        response.extensions[:] = [*kserve.SUPPORTED_EXTENSIONS, *([sysshm.EXTENSION] if self.regions else [])]
+        response.extensions[:] = [*codec.SUPPORTED_EXTENSIONS, *([sysshm.EXTENSION] if self.regions else [])]
         return response
 
     async def ModelMetadata(self, request: Any, response: Any, context: Any) -> Any:
         check_version(request.name, request.version or None)
         signature = self.supervisor.signature(request.name)
         # Per-sample shapes with a batch axis of -1 in front: any number of samples, as on REST.
-        document = kserve.model_metadata(signature.name, [MODEL_VERSION], PLATFORM, signature.inputs, signature.outputs)
+        document = codec.model_metadata(signature.name, [MODEL_VERSION], PLATFORM, signature.inputs, signature.outputs)
         response.name, response.platform = document["name"], document["platform"]
         response.versions[:] = document["versions"]
         for key in ("inputs", "outputs"):
@@ -337,20 +337,20 @@ class GrpcFront:
 
         most_samples = self.supervisor.batcher.queues[signature.name].limits.queue_max_size
 
-        def parse() -> kserve.InferRequest:
+        def parse() -> codec.InferRequest:
             parsed = parse_infer_request(request)
-            v2infer.check(parsed, signature, most_samples)
+            inference.check(parsed, signature, most_samples)
             return parsed
 
-        parsed = await v2infer.parse_off_loop_if(typed_element_count(request) > OFF_LOOP_ELEMENTS, parse)
+        parsed = await inference.parse_off_loop_if(typed_element_count(request) > OFF_LOOP_ELEMENTS, parse)
         local = sysshm.is_local(peer_host(context.peer()))
-        outputs = await v2infer.infer(self.supervisor, signature, parsed, timeout_s, self.regions, local)
+        outputs = await inference.infer(self.supervisor, signature, parsed, timeout_s, self.regions, local)
         return build_infer_response(signature.name, parsed, outputs)
 
     # -- Triton's system shared-memory extension --
 
     def _regions(self, context: Any) -> ClientRegions:
-        v2infer.check_regions_allowed(self.regions, sysshm.is_local(peer_host(context.peer())))
+        inference.check_regions_allowed(self.regions, sysshm.is_local(peer_host(context.peer())))
         assert self.regions is not None
         return self.regions
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from fastinfer.server.proto.descriptor import SERIALIZED
+from fastinfer.server.fronts.kserve.proto.descriptor import SERIALIZED
 
 SERVICE = "inference.GRPCInferenceService"
 

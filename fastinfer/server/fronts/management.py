@@ -16,10 +16,10 @@ from aiohttp.typedefs import Middleware
 
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, FastInferError
-from fastinfer.server.access import AccessLog, bearer_auth
 from fastinfer.server.admission import MODEL_VERSION
-from fastinfer.server.jsonerrors import errors_as_json
-from fastinfer.supervisor import Supervisor
+from fastinfer.server.fronts.access import AccessLog, bearer_auth
+from fastinfer.server.fronts.jsonerrors import errors_as_json
+from fastinfer.server.supervisor import Supervisor
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_WORKERS = 256

@@ -1,0 +1,1 @@
+"""The fronts: codecs around the one admission path (HTTP /predictions, management, the binary protocol, KServe v2)."""
