@@ -5,6 +5,8 @@
 #   scripts/kserve/build-image.sh [--cuda] [--local-base] [--tag NAME]
 #
 # --cuda        the CUDA variant (tag ...:latest-cuda unless --tag)
+# --toolchain   add a C++ compiler (Debian's g++), which serving an .onnx model needs: TVM links
+#               the code it compiles at the first start (archives need none)
 # --local-base  make the base image from Debian's packages (mmdebstrap) when it is not there, for
 #               machines that reach Debian's mirror but no container registry
 # Environment: PODMAN (default podman), PODMAN_FLAGS (global flags, e.g. --cgroup-manager=cgroupfs),
@@ -16,11 +18,13 @@ cd "$(dirname "$0")/../.."
 BASE=docker.io/library/debian:bookworm-slim
 tag=ghcr.io/fastinfer/fastinfer:latest
 extras=
+toolchain=
 local_base=
 while [ $# -gt 0 ]; do
     case "$1" in
         --cuda) extras=gpu; tag=ghcr.io/fastinfer/fastinfer:latest-cuda ;;
         --local-base) local_base=1 ;;
+        --toolchain) toolchain=g++ ;;
         --tag) tag="$2"; shift ;;
         *) echo "build-image.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -52,5 +56,5 @@ for file in "$wheelhouse"/*.whl; do
     case "$(basename "$file")" in fastinfer-*) ;; *) ln -f "$file" "$context/wheels/" 2>/dev/null || cp "$file" "$context/wheels/" ;; esac
 done
 
-"${podman[@]}" build ${BUILD_FLAGS:-} --build-arg EXTRAS="$extras" --file Containerfile --tag "$tag" "$context"
+"${podman[@]}" build ${BUILD_FLAGS:-} --build-arg EXTRAS="$extras" --build-arg TOOLCHAIN="$toolchain" --file Containerfile --tag "$tag" "$context"
 echo "$tag"
