@@ -42,7 +42,7 @@ class Config:
     models: tuple[str, ...] = field(
         default=(),
         metadata={
-            "help": "NAME=PATH of each model to serve: an ONNX or .fia file, or a folder of them; none: the default model"
+            "help": "NAME=PATH of each model: an ONNX or .fia file, or a folder of them; none: the default model"
         },
     )
     devices: str = field(

@@ -100,9 +100,7 @@ def run_native(args: argparse.Namespace, models: Path, cache: Path) -> dict:
 def run_container(args: argparse.Namespace, models: Path, cache: Path) -> dict:
     podman = ["podman", *shlex.split(os.environ.get("PODMAN_FLAGS", "--cgroup-manager=cgroupfs"))]
     flags = shlex.split(
-        os.environ.get(
-            "RUN_FLAGS", "--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network host"
-        )
+        os.environ.get("RUN_FLAGS", "--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network host")
     )
     port = free_port()
     name = f"fastinfer-bench-{port}"
@@ -144,8 +142,11 @@ def main() -> int:
                 os.chown(cache, 1000, 1000) if os.geteuid() == 0 else None
                 result = run(args, models, cache)
                 results[where].append(result)
-                print(f"{where:>9} round {round_index + 1}: {result['throughput_rps']:9.1f} req/s  "
-                      f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms", flush=True)
+                print(
+                    f"{where:>9} round {round_index + 1}: {result['throughput_rps']:9.1f} req/s  "
+                    f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms",
+                    flush=True,
+                )
         for where, runs in results.items():
             best = max(runs, key=lambda r: r["throughput_rps"])
             print(f"{where:>9} best: {best['throughput_rps']:.1f} req/s, p99 {best['p99_ms']:.2f} ms")

@@ -11,8 +11,8 @@ import pytest
 import schemathesis
 import yaml
 from pod import Pod, render, runtime_container, storage_initialize, tiny_archive
-from schemathesis.specs.openapi.checks import response_schema_conformance
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 SPEC = Path(__file__).parent / "data" / "open_inference_rest.yaml"
 ISVC = "tiny"
