@@ -120,7 +120,6 @@ class Server:
         await self.supervisor.stop(self.config.shutdown_timeout_s)
         self.access_log.stop()
 
-
     async def _drain_http(self, timeout_s: float) -> None:
         """Close the HTTP listeners, then wait (within ``timeout_s``) for the requests in flight.
 
