@@ -98,7 +98,10 @@ class Config:
     """Everything ``fastinfer serve`` needs to know. Build it with :meth:`from_sources`."""
 
     models: tuple[str, ...] = field(
-        default=(), metadata={"help": "NAME=PATH of each model to serve (ONNX file); none: the default model"}
+        default=(),
+        metadata={
+            "help": "NAME=PATH of each model: an ONNX or .fia file, or a folder of them; none: the default model"
+        },
     )
     devices: str = field(
         default="cpu:1",
@@ -160,6 +163,10 @@ class Config:
     restart_max_count: int = field(default=5, metadata={"help": "restarts within restart_window_s before giving up"})
     restart_window_s: float = field(default=60.0, metadata={"help": "window of restart_max_count"})
     shutdown_timeout_s: float = field(default=10.0, metadata={"help": "time in-flight requests get to finish"})
+    shutdown_delay_s: float = field(
+        default=0.0,
+        metadata={"help": "on SIGTERM, time readiness fails while requests are still served (load balancers lag)"},
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     model_store: str = field(
         default="", metadata={"help": "directory of model files management may register; no --models: serve its .fia"}
@@ -227,6 +234,8 @@ class Config:
             raise ConfigError("batch_max_size, gpu_batch_max_size and batch_max_runs must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max_connections must be at least 1")
+        if self.shutdown_delay_s < 0 or self.shutdown_timeout_s < 0:
+            raise ConfigError("shutdown_delay_s and shutdown_timeout_s cannot be negative")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0 or self.queue_max_delay_s <= 0:
             raise ConfigError("header_timeout_s, body_timeout_s and queue_max_delay_s must be positive")
         parse_model_limits(self.model_limits)
@@ -241,7 +250,13 @@ class Config:
                 return found
         if not self.models:
             return {DEFAULT_MODEL_NAME: ""}
-        return dict(spec.split("=", 1) for spec in self.models)
+        from fastinfer.archive.store import folder_models
+
+        paths: dict[str, str] = {}
+        for name, path in (spec.split("=", 1) for spec in self.models):
+            # a folder (KServe's /mnt/models) holds the model file(s) that name stands for
+            paths.update(folder_models(name, path) if os.path.isdir(path) else {name: path})
+        return paths
 
     def worker_count(self) -> int:
         return len(self.device_list())

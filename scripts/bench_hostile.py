@@ -84,14 +84,15 @@ def odd_images() -> list[bytes]:
 class Hostile:
     """The hostile clients of one phase, and what the server did to them."""
 
-    def __init__(self, host: str, http_port: int, binary_port: int, count: int):
+    def __init__(self, host: str, http_port: int, binary_port: int, count: int, kinds: tuple[str, ...] = KINDS):
         self.host, self.http_port, self.binary_port, self.count = host, http_port, binary_port, count
+        self.kinds = kinds
         self.closed_by_server = dict.fromkeys(KINDS, 0)
         self.answers: dict[str, int] = {}
         self.stop = asyncio.Event()
 
     async def run(self) -> None:
-        kinds = [KINDS[i % len(KINDS)] for i in range(self.count)]
+        kinds = [self.kinds[i % len(self.kinds)] for i in range(self.count)]
         await asyncio.gather(*(self._forever(kind) for kind in kinds))
 
     async def _forever(self, kind: str) -> None:
@@ -213,7 +214,7 @@ async def normal_clients(url: str, seconds: float) -> dict:
 
 
 async def phase(args, ports: dict[str, int], url: str, hostile_count: int) -> dict:
-    hostile = Hostile("127.0.0.1", ports["http"], ports["binary"], hostile_count)
+    hostile = Hostile("127.0.0.1", ports["http"], ports["binary"], hostile_count, tuple(args.kinds))
     task = asyncio.create_task(hostile.run())
     await asyncio.sleep(2.0 if hostile_count else 0)  # the hostile clients settle in first
     normal = asyncio.create_task(normal_clients(url, args.duration_s))
@@ -230,6 +231,14 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hostile", type=int, default=200)
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="hostile kinds to run (odd_images adds image decoding to the worker: real work, not only a slow client)",
+    )
+    parser.add_argument("--protocols", nargs="+", choices=("binary", "http"), default=["binary", "http"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -250,6 +259,7 @@ def main() -> None:
             wait_for_line(log, "ready: all workers are warm", 300)
             ports = {"http": int(found[1]), "management": int(found[2]), "binary": int(found[3])}
             urls = {"binary": f"tcp://127.0.0.1:{ports['binary']}", "http": f"http://127.0.0.1:{ports['http']}"}
+            urls = {protocol: url for protocol, url in urls.items() if protocol in args.protocols}
             rows = []
             for number in range(1, args.rounds + 1):
                 for protocol, url in urls.items():
@@ -266,6 +276,7 @@ def main() -> None:
 
 def report(rows: list[dict], args) -> None:
     print(f"\n32 normal clients, {args.duration_s:g} s, alone and beside {args.hostile} hostile ones", end="")
+    print(f" ({', '.join(args.kinds)})", end="")
     print(f"; medians of {args.rounds} rounds")
     print("| protocol | clean req/s | hostile req/s | ratio | clean p99 (ms) | hostile p99 (ms) | p99 ratio ", end="")
     print("| ports answered |")

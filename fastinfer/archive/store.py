@@ -16,14 +16,45 @@ from fastinfer.errors import FastInferError
 _VERSIONED = re.compile(r"^(?P<name>.+)-(?P<version>\d+(?:\.\d+)*)$")
 
 
+MODEL_SUFFIXES = (".fia", ".onnx")
+
+
 def store_models(folder: str | Path) -> dict[str, str]:
     """Model name -> archive path for every ``.fia`` in ``folder``."""
     root = Path(folder)
     if not root.is_dir():
         raise FastInferError(f"the model store {folder} is not a directory", code="config_error")
+    return _by_name(sorted(root.glob("*.fia")))
+
+
+def folder_models(name: str, folder: str | Path) -> dict[str, str]:
+    """The models of a folder that ``--models NAME=FOLDER`` names: KServe's storage initializer leaves
+    the model file(s) of an InferenceService in ``/mnt/models``, and the runtime passes its name.
+
+    One ``.fia`` or ``.onnx`` file is served as ``name``. Several are served side by side under their
+    file names, as a model store's (so ``NAME-1.fia`` and ``NAME-2.fia`` serve NAME as version 2).
+    """
+    root = Path(folder)
+    files = sorted(p for p in root.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file())
+    if not files:
+        raise FastInferError(f"model {name!r}: no .fia or .onnx file in the folder {folder}", code="config_error")
+    if len(files) == 1:
+        return {name: str(files[0])}
+    stems = [p.stem for p in files]
+    twins = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if twins:
+        raise FastInferError(
+            f"model {name!r}: the folder {folder} holds both a .fia and an .onnx file named {twins[0]!r}",
+            code="config_error",
+        )
+    return _by_name(files)
+
+
+def _by_name(files: list[Path]) -> dict[str, str]:
+    """Each file by its name, and the highest version of each ``NAME-VERSION`` also as ``NAME``."""
     models: dict[str, str] = {}
     latest: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in sorted(root.glob("*.fia")):
+    for path in files:
         models[path.stem] = str(path)
         match = _VERSIONED.match(path.stem)
         if match:

@@ -122,14 +122,28 @@ class Server:
     async def stop(self) -> None:
         """Stop accepting; let requests in flight finish (within the timeout); stop the workers."""
         timeout_s = self.config.shutdown_timeout_s
-        await asyncio.gather(
-            self.binary.stop(timeout_s), self.grpc.stop(timeout_s), *(runner.cleanup() for runner in self._runners)
-        )
+        await asyncio.gather(self.binary.stop(timeout_s), self.grpc.stop(timeout_s), self._drain_http(timeout_s))
+        await asyncio.gather(*(runner.cleanup() for runner in self._runners))
         self._runners.clear()
         if self.regions is not None:
             self.regions.close()
         await self.supervisor.stop(self.config.shutdown_timeout_s)
         self.access_log.stop()
+
+    async def _drain_http(self, timeout_s: float) -> None:
+        """Close the HTTP listeners, then wait (within ``timeout_s``) for the requests in flight.
+
+        aiohttp's own shutdown drops the bytes that arrive once it has begun, so a request whose
+        body was still coming in would never finish: it is let finish first.
+        """
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await site.stop()
+        in_flight = self.supervisor.metrics.in_flight
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + timeout_s
+        while any(in_flight.values()) and loop.time() < deadline_s:
+            await asyncio.sleep(START_POLL_S)
 
 
 def _check_model_files(model_paths: Mapping[str, str]) -> None:
@@ -172,6 +186,16 @@ def _cannot_serve(model_paths: Mapping[str, str], reason: str) -> str:
     return f"cannot serve {noun} {', '.join(repr(name) for name in named)}: {reason}"
 
 
+async def _drain_delay(supervisor: Supervisor, delay_s: float) -> None:
+    """Fail readiness, and go on serving for ``delay_s``: a load balancer (Kubernetes' endpoints)
+    notices a terminating replica only after a while, and sends it requests meanwhile."""
+    if delay_s <= 0:
+        return
+    supervisor.draining = True
+    log.info("draining: readiness fails; serving for %.1f s more before stopping", delay_s)
+    await asyncio.sleep(delay_s)
+
+
 def _port(runner: web.AppRunner) -> int:
     """The port of the runner's first TCP listener (0 if it has only Unix sockets)."""
     return next((address[1] for address in runner.addresses if isinstance(address, tuple)), 0)
@@ -203,6 +227,7 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> Non
     failure = await _first_start(server.supervisor, stop)
     if failure is None:
         await stop.wait()
+        await _drain_delay(server.supervisor, config.shutdown_delay_s)
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("shutting down")
     await service.stop()

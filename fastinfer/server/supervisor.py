@@ -93,6 +93,9 @@ class Supervisor:
         self._health_task: asyncio.Task | None = None
         self._lag_task: asyncio.Task | None = None
         self._stopping = False
+        # A stop is coming (SIGTERM): readiness probes fail so that load balancers stop sending,
+        # while the requests that still come are served.
+        self.draining = False
 
     @property
     def model_paths(self) -> dict[str, str]:

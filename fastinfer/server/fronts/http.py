@@ -40,11 +40,14 @@ class InferenceRoutes:
         self.metrics = supervisor.metrics
 
     async def ping(self, request: web.Request) -> web.Response:
-        if self.supervisor.ready:
+        if self.supervisor.ready and not self.supervisor.draining:
             return web.json_response({"status": "Healthy"})
-        status = "Unhealthy" if self.supervisor.failure else "Starting"
+        status = "Draining" if self.supervisor.draining else "Unhealthy" if self.supervisor.failure else "Starting"
         body = {"status": status, **self.supervisor.health()}
         return web.json_response(body, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def exposition(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
     async def predict(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
@@ -125,10 +128,21 @@ def inference_app(
     routes = InferenceRoutes(supervisor, config)
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app.router.add_get("/ping", routes.ping)
+    # Also here, not only on the management port (localhost): a pod's scraper reaches the pod's IP.
+    app.router.add_get("/metrics", routes.exposition)
     app.router.add_post("/predictions/{model}", routes.predict)
     app.router.add_post("/predictions/{model}/{version}", routes.predict)
     # The access log (outermost, above) records the sub-application's requests too, once.
     app.add_subapp(rest.PREFIX, rest.v2_app(supervisor, config, regions))
+
+    async def close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+        # A kept-alive connection outlives the endpoint's removal from a load balancer: closing it
+        # after each answer while draining sends the client's next request to another replica.
+        if supervisor.draining:
+            response.force_close()
+            response.headers["Connection"] = "close"  # aiohttp wrote its headers before this hook
+
+    app.on_response_prepare.append(close_when_draining)
     return app
 
 

@@ -273,7 +273,7 @@ class GrpcFront:
         return response
 
     async def ServerReady(self, request: Any, response: Any, context: Any) -> Any:
-        response.ready = self.supervisor.ready
+        response.ready = self.supervisor.ready and not self.supervisor.draining  # as /v2/health/ready
         return response
 
     async def ModelReady(self, request: Any, response: Any, context: Any) -> Any:

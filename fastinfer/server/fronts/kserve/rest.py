@@ -57,7 +57,7 @@ class V2Routes:
         return web.json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = self.supervisor.ready
+        ready = self.supervisor.ready and not self.supervisor.draining
         headers = None if ready else {"Retry-After": str(RETRY_AFTER_S)}
         return web.json_response({"ready": ready}, status=200 if ready else 503, headers=headers)
 
