@@ -74,6 +74,7 @@ def container(image, tmp_path_factory):
     port = free_port()
     # The pod has its own network; on the host's, the ports are moved to free ones.
     args += [f"--http-port={port}", f"--management-port={free_port()}", f"--binary-port={free_port()}"]
+    args += [f"--grpc-port={free_port()}"]
     name = f"fastinfer-test-{uuid.uuid4().hex[:8]}"
     command = [*PODMAN, "run", "--detach", "--name", name, *RUN_FLAGS, "--read-only", "--read-only-tmpfs=false"]
     command += ["--shm-size=512m", "-v", f"{models}:{MODEL_DIR}:ro", "-v", f"{cache}:{CACHE_DIR}"]
