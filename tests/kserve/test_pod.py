@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from pod import FEATURES, Pod, manifests, render, runtime_container, storage_initialize, tiny_archive, tiny_onnx
 
 ISVC = "tiny"
@@ -62,22 +63,39 @@ def test_tritonclient_live_ready_metadata_infer(pod):
         client.close()
 
 
-@pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_kserve_sdk_live_ready_infer(pod):
+# The kserve SDK registers KServe's ``inference.*`` protobuf messages in protobuf's default pool, as
+# tritonclient.grpc does (tests/server/test_grpc.py): the two cannot share a process, so the SDK's
+# session runs as a client process of its own.
+KSERVE_SESSION = """
+import asyncio, sys
+import numpy as np
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+async def main(url, model, features):
     client = InferenceRESTClient(RESTConfig(protocol="v2"))
     try:
-        assert await client.is_server_live(pod.url)
-        assert await client.is_server_ready(pod.url)
-        assert await client.is_model_ready(pod.url, ISVC)
-        x = sample(2, seed=1)
+        assert await client.is_server_live(url)
+        assert await client.is_server_ready(url)
+        assert await client.is_model_ready(url, model)
+        x = np.random.default_rng(1).standard_normal((2, features)).astype(np.float32)
         given = InferInput("x", list(x.shape), "FP32")
         given.set_data_from_numpy(x, binary_data=False)
-        response = await client.infer(pod.url, InferRequest(ISVC, [given]), model_name=ISVC)
+        response = await client.infer(url, InferRequest(model, [given]), model_name=model)
         (output,) = response.outputs
         assert output.name == "y"
         np.testing.assert_allclose(output.as_numpy(), 2 * x + 1, rtol=1e-6)
     finally:
         await client.close()
+    print("kserve ok")
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_kserve_sdk_live_ready_infer(pod):
+    session = [sys.executable, "-c", KSERVE_SESSION, pod.url, ISVC, str(FEATURES)]
+    result = subprocess.run(session, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "kserve ok" in result.stdout, result.stdout + result.stderr
 
 
 def test_the_scaling_metrics_are_where_the_runtime_says(pod):
