@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--num-cores", type=int, default=os.cpu_count())
     parser.add_argument("--trials", type=int, default=8, help="trials per task")
     parser.add_argument("--total", type=int, help="trials in all per model (the scheduler picks the tasks)")
+    parser.add_argument("--tune-time", type=float, help="minutes per model; the search stops after that")
     parser.add_argument("--layout", default="nchw", help="convolution layout: nchw (the model's) or nhwc")
     parser.add_argument("--retune", action="store_true", help="search tasks that have records too")
     parser.add_argument("--out", required=True, help="records folder (merged into when it exists)")
@@ -70,7 +71,17 @@ def main() -> None:
         size = int(batch or 1)
         mod = from_onnx(with_batch(for_tvm(model, [size]), size), keep_params_in_input=False)  # as archives do
         mod = tuning.pre_tuning(mod, target, args.layout)
-        tuning.tune([mod], target, Path(args.out), args.trials, label=spec, total_trials=args.total, retune=args.retune)
+        budget = args.tune_time * 60 if args.tune_time else None
+        tuning.tune(
+            [mod],
+            target,
+            Path(args.out),
+            args.trials,
+            label=spec,
+            total_trials=args.total,
+            retune=args.retune,
+            time_budget_s=budget,
+        )
 
 
 if __name__ == "__main__":
