@@ -105,3 +105,24 @@ def test_an_unknown_layout_is_refused():
 
     with pytest.raises(ValueError, match="unknown layout"):
         tuning.pre_tuning(tvm.IRModule(), tvm.target.Target("llvm"), "nchw16c")
+
+
+def test_archive_with_the_nhwc_layout_is_verified_and_says_so(tmp_path, capsys):
+    from fastinfer import cli
+    from fastinfer.archive.load import load
+
+    model = conv_model()
+    onnx.save(model, str(tmp_path / "convs.onnx"))
+    archive = tmp_path / "convs.fia"
+    build = ["archive", str(tmp_path / "convs.onnx"), "--name", "convs", "--batch-sizes", "1,2", "-o", str(archive)]
+    build += ["--target", '{"kind": "llvm", "num-cores": 1}', "--layout", "nhwc"]
+
+    assert cli.main(build) == 1  # untuned builds do not go through the layout conversion
+    assert "--layout applies to tuned CPU builds" in capsys.readouterr().err
+
+    # Records from an empty folder: default schedules, but the NHWC pipeline; the archive is
+    # verified against ONNX Runtime at each batch size before it is written.
+    assert cli.main([*build, "--stored-records-only", "--records", str(tmp_path / "records")]) == 0
+    manifest = load(archive, tmp_path / "cache").manifest
+    assert manifest.build["layout"] == "nhwc"
+    assert manifest.build["verified"], manifest.build
