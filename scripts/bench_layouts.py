@@ -1,6 +1,6 @@
 """Tuned TVM in each convolution layout against ONNX Runtime, one thread, in one run.
 
-Each ``--records LAYOUT=DIR`` is a records folder tuned with ``scripts/tune_records.py --layout
+Each ``--records LABEL=DIR`` is a records folder tuned with ``scripts/tune_records.py --layout
 LAYOUT`` (same ``--mcpu``, ``--num-cores`` and, for a fair comparison, the same trial budget). The
 model is compiled once per layout through the project's pipeline (``tuning.pre_tuning`` with that
 layout, then ``tuning.apply_records``), checked against ONNX Runtime, and timed in turns with ONNX
@@ -34,7 +34,9 @@ TOLERANCE = 1e-3  # largest error allowed, relative to the largest reference out
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="NAME:BATCH, as scripts/tune_records.py takes them")
-    parser.add_argument("--records", action="append", required=True, help="LAYOUT=DIR (repeatable)")
+    parser.add_argument(
+        "--records", action="append", required=True, help="LABEL=DIR (repeatable); LABEL is a layout, or LAYOUT-anything"
+    )
     parser.add_argument("--mcpu", default="x86-64-v4")
     parser.add_argument("--num-cores", type=int, default=1)
     parser.add_argument("--windows", type=int, default=7, help="rounds; the median is reported")
@@ -104,7 +106,7 @@ def main() -> None:
         coverage = {}
         for layout, records in layouts.items():
             started = time.monotonic()
-            main_fn, tasks, missing = compiled(model, batch, layout, Path(records), target)
+            main_fn, tasks, missing = compiled(model, batch, layout.split("-")[0], Path(records), target)
             data = tvm.runtime.tensor(x)
             out = main_fn(data)
             out = out if hasattr(out, "numpy") else out[0]  # one output, or a tuple of them
