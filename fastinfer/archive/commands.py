@@ -378,7 +378,10 @@ def describe(manifest: Manifest, path: Path | None = None) -> str:
         how = f"{tuning.tasks_tuned_now} of {tuning.tasks} tasks tuned while building"
         if tuning.tasks_tuned_now:
             how += f" ({tuning.trials_per_task} trials each)"
-        lines.append(f"tuned      yes, MetaSchedule with weight prepacking; {how}; records: {tuning.records_source}")
+        layout = f", convolutions in {manifest.build['layout'].upper()}" if manifest.build.get("layout") else ""
+        lines.append(
+            f"tuned      yes, MetaSchedule with weight prepacking{layout}; {how}; records: {tuning.records_source}"
+        )
         lines.extend(_tuning_lines(manifest, path))
     build = manifest.build
     origin = f" ({manifest.source_format}, PyTorch {manifest.torch_version})" if manifest.torch_version else ""

@@ -123,6 +123,7 @@ def test_archive_with_the_nhwc_layout_is_verified_and_says_so(tmp_path, capsys):
     # Records from an empty folder: default schedules, but the NHWC pipeline; the archive is
     # verified against ONNX Runtime at each batch size before it is written.
     assert cli.main([*build, "--stored-records-only", "--records", str(tmp_path / "records")]) == 0
+    assert "weight prepacking, convolutions in NHWC" in capsys.readouterr().out
     manifest = load(archive, tmp_path / "cache").manifest
     assert manifest.build["layout"] == "nhwc"
     assert manifest.build["verified"], manifest.build
