@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,10 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="NAME:BATCH, as scripts/tune_records.py takes them")
     parser.add_argument(
-        "--records", action="append", required=True, help="LABEL=DIR (repeatable); LABEL is a layout, or LAYOUT-anything"
+        "--records",
+        action="append",
+        required=True,
+        help="LABEL=DIR (repeatable); LABEL is a layout, or LAYOUT-anything",
     )
     parser.add_argument("--mcpu", default="x86-64-v4")
     parser.add_argument("--num-cores", type=int, default=1)
@@ -85,8 +89,10 @@ def main() -> None:
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores})
     layouts = dict(spec.split("=", 1) for spec in args.records)
-    print(f"TVM {tvm.__version__} (llvm {args.mcpu}, {args.num_cores} cores), ONNX Runtime {ort.__version__}, "
-          f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}; median of {args.windows} rounds of {args.duration_s} s")
+    print(
+        f"TVM {tvm.__version__} (llvm {args.mcpu}, {args.num_cores} cores), ONNX Runtime {ort.__version__}, "
+        f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}; median of {args.windows} rounds of {args.duration_s} s"
+    )
     rows = []
     for spec in args.models:
         name, _, batch_text = spec.partition(":")
@@ -102,7 +108,7 @@ def main() -> None:
         shape = [batch, *[d if isinstance(d, int) else 1 for d in feed.shape[1:]]]
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         reference = session.run(None, {feed.name: x})[0]
-        runners: dict[str, Callable[[], object]] = {"ort": lambda: session.run(None, {feed.name: x})}
+        runners: dict[str, Callable[[], object]] = {"ort": partial(session.run, None, {feed.name: x})}
         coverage = {}
         for layout, records in layouts.items():
             started = time.monotonic()
@@ -112,11 +118,14 @@ def main() -> None:
             out = out if hasattr(out, "numpy") else out[0]  # one output, or a tuple of them
             error = float(np.abs(out.numpy() - reference).max() / np.abs(reference).max())
             status = "ok" if error <= TOLERANCE else "WRONG"
-            print(f"{name}:{batch} {layout}: {tasks} tasks, {missing} without records, "
-                  f"compiled in {time.monotonic() - started:.0f} s, error {error:.1e} {status}", flush=True)
+            print(
+                f"{name}:{batch} {layout}: {tasks} tasks, {missing} without records, "
+                f"compiled in {time.monotonic() - started:.0f} s, error {error:.1e} {status}",
+                flush=True,
+            )
             if error > TOLERANCE:
                 raise SystemExit(f"{name} {layout}: outputs differ from ONNX Runtime")
-            runners[layout] = (lambda f, d: lambda: f(d))(main_fn, data)
+            runners[layout] = partial(main_fn, data)
             coverage[layout] = (tasks, missing)
         rounds: dict[str, list[float]] = {key: [] for key in runners}
         for _ in range(args.windows):
@@ -126,19 +135,21 @@ def main() -> None:
         cells = ", ".join(f"{key} {statistics.median(v) * 1000:.2f} ms" for key, v in rounds.items())
         print(f"{name}:{batch}: {cells}", flush=True)
     print()
-    print("| model | batch | layout | tasks (without records) | TVM (ms) | ORT (ms) | TVM / ORT | vs " + next(iter(layouts)) + " |")
+    first = next(iter(layouts))
+    print(f"| model | batch | layout | tasks (without records) | TVM (ms) | ORT (ms) | TVM / ORT | vs {first} |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, batch, rounds, coverage in rows:
         ort_ms = statistics.median(rounds["ort"]) * 1000
-        first = next(iter(layouts))
         for layout in layouts:
             ms = statistics.median(rounds[layout]) * 1000
             # ratios per round (both timed in the same round), then the median
-            to_ort = statistics.median(a / b for a, b in zip(rounds[layout], rounds["ort"]))
-            to_first = statistics.median(a / b for a, b in zip(rounds[layout], rounds[first]))
+            to_ort = statistics.median(a / b for a, b in zip(rounds[layout], rounds["ort"], strict=True))
+            to_first = statistics.median(a / b for a, b in zip(rounds[layout], rounds[first], strict=True))
             tasks, missing = coverage[layout]
-            print(f"| {name} | {batch} | {layout.upper()} | {tasks} ({missing}) | {ms:.2f} | {ort_ms:.2f} | "
-                  f"{to_ort:.2f}x | {to_first:.2f}x |")
+            print(
+                f"| {name} | {batch} | {layout.upper()} | {tasks} ({missing}) | {ms:.2f} | {ort_ms:.2f} | "
+                f"{to_ort:.2f}x | {to_first:.2f}x |"
+            )
 
 
 if __name__ == "__main__":
