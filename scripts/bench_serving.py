@@ -55,16 +55,23 @@ def onnx_source(model: str, cache_dir: str | Path) -> Path:
     return Path(onnx.__file__).parent / f"backend/test/data/light/light_{model}.onnx"
 
 
-def tuned_archive(model: str, folder: Path, batch_sizes: str, num_cores: int | None = None) -> Path:
+def tuned_archive(
+    model: str, folder: Path, batch_sizes: str, num_cores: int | None = None, layout: str = "nchw"
+) -> Path:
     """``model`` as a tuned archive, one library per batch size, compiled for ``num_cores`` (None:
-    all) from the tuning records the package ships (tasks they miss get default schedules)."""
+    all) and ``layout`` from the tuning records the package ships (tasks they miss get default schedules)."""
     from fastinfer.archive.pack import BuildOptions, build_archive
 
     cache = folder / "cache"
-    path = folder / f"{model}-{num_cores or 'all'}-cores.fia"
+    path = folder / f"{model}-{num_cores or 'all'}-cores-{layout}.fia"
     sizes = tuple(int(size) for size in batch_sizes.split(","))
     options = BuildOptions(
-        name=model, batch_sizes=sizes, cache_dir=str(cache), use_stored_records=True, num_cores=num_cores
+        name=model,
+        batch_sizes=sizes,
+        cache_dir=str(cache),
+        use_stored_records=True,
+        num_cores=num_cores,
+        layout=layout,
     )
     build_archive(onnx_source(model, cache), path, options)
     return path

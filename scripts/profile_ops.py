@@ -62,18 +62,20 @@ def conv_group(kernel_area: float, depthwise: bool) -> str:
     return f"conv {side}x{side}{' depthwise' if depthwise else ''}"
 
 
-def tvm_group(name: str, shapes: list) -> str:
-    """The operator group of a TVM kernel, from its name and its arguments' shapes."""
+def tvm_group(name: str, shapes: list, channel_axis: int = 1) -> str:
+    """The operator group of a TVM kernel, from its name and its arguments' shapes (activations'
+    channels on ``channel_axis``: 1 for NCHW, 3 for NHWC)."""
     if name.startswith("vm.builtin."):
         return "VM builtins (allocation, tuples, views)"
     tokens = {token.rstrip("0123456789") for token in name.split("_")}
     if "conv2d" in name:
         data, weight, out = shapes[0], shapes[1], shapes[-1]
         weights = math.prod(weight)
-        per_output = weights / out[1]  # input channels per group x kernel area
-        if per_output % data[1] == 0:
-            return conv_group(per_output / data[1], False)
-        return conv_group(per_output, out[1] == data[1])
+        channels_in, channels_out = data[channel_axis], out[channel_axis]
+        per_output = weights / channels_out  # input channels per group x kernel area
+        if per_output % channels_in == 0:
+            return conv_group(per_output / channels_in, False)
+        return conv_group(per_output, channels_out == channels_in)
     if "matmul" in tokens or "dense" in tokens:
         return "gemm/matmul"
     if "pool" in name or "mean" in tokens:
@@ -198,6 +200,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="cores (pinned) and threads for TVM and ORT")
     parser.add_argument("--runs", type=int, default=20, help="measured runs, after warm-up")
+    parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="TVM's convolution layout")
     parser.add_argument("--top", type=int, default=10, help="TVM kernels listed")
     args = parser.parse_args()
 
@@ -209,7 +212,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        archive = tuned_archive(args.model, folder, str(args.batch), num_cores=len(cores))
+        archive = tuned_archive(args.model, folder, str(args.batch), num_cores=len(cores), layout=args.layout)
         loaded = load(archive, str(folder / "cache"))
         spec = loaded.manifest.inputs[0]
         x = aligned_zeros((args.batch, *spec.shape), spec.dtype)
@@ -221,7 +224,7 @@ def main() -> int:
 
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for name, ms in tvm_ms.items():
-        groups[tvm_group(name, kernels[name]["shapes"])][0] += ms
+        groups[tvm_group(name, kernels[name]["shapes"], 3 if args.layout == "nhwc" else 1)][0] += ms
     for name, ms in ort_ms.items():
         groups[ort_group(nodes[name]["op"], nodes[name]["shapes"])][1] += ms
     tvm_total, ort_total = sum(tvm_ms.values()), sum(ort_ms.values())
@@ -247,7 +250,7 @@ def main() -> int:
     for name, ms in sorted(tvm_ms.items(), key=lambda item: -item[1])[: args.top]:
         kernel = kernels[name]
         shapes = " ".join("x".join(map(str, shape)) or "()" for shape in kernel["shapes"])  # (): a scalar
-        group = tvm_group(name, kernel["shapes"])
+        group = tvm_group(name, kernel["shapes"], 3 if args.layout == "nhwc" else 1)
         print(f"| {name} | {group} | {kernel['calls']} | {ms:.3f} | {ms / tvm_total:.0%} | {shapes} |")
     return 0
 

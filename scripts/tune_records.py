@@ -18,6 +18,9 @@ give the same bytes)::
         gzip -9 -n -c DIR1/$f > fastinfer/models/tuning/x86-64-v4/1-core/$f.gz
     done
 
+``--layout nhwc`` tunes the graph with its convolutions converted to NHWC (the workloads differ
+from the default layout's: keep its records in a folder of their own).
+
 A run interrupted (Ctrl-C, or killed) keeps what it measured: run it again to go on.
 """
 
@@ -47,6 +50,8 @@ def main() -> None:
     parser.add_argument("--num-cores", type=int, default=os.cpu_count())
     parser.add_argument("--trials", type=int, default=8, help="trials per task")
     parser.add_argument("--total", type=int, help="trials in all per model (the scheduler picks the tasks)")
+    parser.add_argument("--tune-time", type=float, help="minutes per model; the search stops after that")
+    parser.add_argument("--layout", default="nchw", help="convolution layout: nchw (the model's) or nhwc")
     parser.add_argument("--retune", action="store_true", help="search tasks that have records too")
     parser.add_argument("--out", required=True, help="records folder (merged into when it exists)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "fastinfer-tune-cache"))
@@ -65,8 +70,18 @@ def main() -> None:
         model = onnx.load(model_path(name, args.cache_dir))
         size = int(batch or 1)
         mod = from_onnx(with_batch(for_tvm(model, [size]), size), keep_params_in_input=False)  # as archives do
-        mod = tuning.pre_tuning(mod, target)
-        tuning.tune([mod], target, Path(args.out), args.trials, label=spec, total_trials=args.total, retune=args.retune)
+        mod = tuning.pre_tuning(mod, target, args.layout)
+        budget = args.tune_time * 60 if args.tune_time else None
+        tuning.tune(
+            [mod],
+            target,
+            Path(args.out),
+            args.trials,
+            label=spec,
+            total_trials=args.total,
+            retune=args.retune,
+            time_budget_s=budget,
+        )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def _add_target_flags(parser: argparse.ArgumentParser, with_target: bool = False
             help='cpu (this host\'s portable x86-64 level) or a TVM target as JSON {"kind": "llvm", ...}',
         )
     parser.add_argument("--num-cores", type=int, help="cores the code is tuned for (default: all of this host's)")
+    parser.add_argument(
+        "--layout",
+        choices=("nchw", "nhwc"),
+        default="nchw",
+        help="activation layout of the convolutions in tuned CPU code: nchw (the model's; the shipped records "
+        "are for it) or nhwc (needs records tuned for it)",
+    )
     parser.add_argument("--cache-dir", help="where tuning records are kept (default: the server's cache)")
     parser.add_argument(
         "--records", metavar="DIR", help="the records folder to read and write (default: the cache's for the target)"
@@ -153,6 +160,7 @@ def run_archive(args: argparse.Namespace) -> int:
             num_cores=args.num_cores,
             use_stored_records=args.stored_records_only,
             records_dir=args.records or "",
+            layout=args.layout,
         )
         if Path(args.model).suffix == ".pt2":  # a torch.export program: needs PyTorch, says so if missing
             from fastinfer.archive import pytorch
@@ -186,6 +194,7 @@ def run_tune(args: argparse.Namespace) -> int:
             retune=args.retune,
             cache_dir=_cache_dir(args),
             records_dir=args.records or "",
+            layout=args.layout,
         )
         if options.trials_per_task < 1 or (options.total_trials is not None and options.total_trials < 1):
             raise ArchiveError("--trials and --trials-per-task must be positive")
@@ -369,7 +378,10 @@ def describe(manifest: Manifest, path: Path | None = None) -> str:
         how = f"{tuning.tasks_tuned_now} of {tuning.tasks} tasks tuned while building"
         if tuning.tasks_tuned_now:
             how += f" ({tuning.trials_per_task} trials each)"
-        lines.append(f"tuned      yes, MetaSchedule with weight prepacking; {how}; records: {tuning.records_source}")
+        layout = f", convolutions in {manifest.build['layout'].upper()}" if manifest.build.get("layout") else ""
+        lines.append(
+            f"tuned      yes, MetaSchedule with weight prepacking{layout}; {how}; records: {tuning.records_source}"
+        )
         lines.extend(_tuning_lines(manifest, path))
     build = manifest.build
     origin = f" ({manifest.source_format}, PyTorch {manifest.torch_version})" if manifest.torch_version else ""

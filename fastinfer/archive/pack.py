@@ -62,6 +62,7 @@ class BuildOptions:
     num_cores: int | None = None
     use_stored_records: bool = False  # a tuned build from cached or shipped records alone: never searches
     records_dir: str = ""  # the records folder to use ("": the cache's for the target, seeded from shipped)
+    layout: str = "nchw"  # convolutions' activation layout in tuned CPU builds (see tuning.pre_tuning)
     stream: TextIO | None = None
 
 
@@ -80,6 +81,8 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
     shapes = _apply_input_shapes(model, options.input_shapes)
     batch = _batch_axis(model)
     tuned = target["kind"] == "llvm" and (options.tune_trials > 0 or options.use_stored_records)
+    if options.layout != "nchw" and not tuned:  # the layout is part of the tuning pipeline only
+        raise ArchiveError("--layout applies to tuned CPU builds: add --tune-trials or --stored-records-only")
     sizes, served = _plan_batch_sizes(batch, options.batch_sizes, tuned)
     graph = for_tvm(model, served)  # what TVM compiles; refused here if it fixes batch 1 for good
     preprocess = image_preprocess(options.preprocess, _input_specs(model)[0])  # fails before minutes of compiling
@@ -126,6 +129,7 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
                 "verified": verification,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **({"tuning": tuning_detail} if tuning_detail else {}),
+                **({"layout": options.layout} if options.layout != "nchw" else {}),
             },
             more_targets=more,
         )
@@ -149,6 +153,7 @@ class TuneOptions:
     retune: bool = False
     cache_dir: str = ""
     records_dir: str = ""  # "": the cache's records folder for the target, as ``fastinfer archive`` uses
+    layout: str = "nchw"  # as BuildOptions.layout: records are tuned for one layout
     stream: TextIO | None = None
 
 
@@ -182,7 +187,7 @@ def tune_onnx(onnx_path: str | Path, options: TuneOptions) -> tuple[Path, int]:
             mod = from_onnx(with_batch(graph, size or BATCH), keep_params_in_input=False)
         except Exception as error:
             raise ArchiveError(f"TVM could not convert the model at batch {size}: {error}") from error
-        mods.append(tuning.pre_tuning(mod, tvm_target))
+        mods.append(tuning.pre_tuning(mod, tvm_target, options.layout))
     label = f"{Path(onnx_path).stem} (batch {', '.join(str(s) for s in sizes)})"
     try:
         tuned = tuning.tune(
@@ -533,7 +538,7 @@ def _tune(mods: dict, target: dict, records: Path, options: BuildOptions, stream
 
     tvm_target = tvm.target.Target(target)
     try:
-        prepared = {size: tuning.pre_tuning(mod, tvm_target) for size, mod in mods.items()}
+        prepared = {size: tuning.pre_tuning(mod, tvm_target, options.layout) for size, mod in mods.items()}
         tasks = sum(len(tuning.all_tasks(mod, tvm_target)) for mod in prepared.values())
         tuned = 0
         if options.use_stored_records:  # never searches: tasks without records keep default schedules

@@ -308,6 +308,8 @@ def _build(torch: Any, program: Any, source: bytes, source_name: str, output: Pa
     inputs = [replace(i, dims=tuple(bound.get(d, d) if isinstance(d, str) else d for d in i.dims)) for i in inputs]
     batch, specs = _batch(inputs)
     tuned = target["kind"] == "llvm" and (options.tune_trials > 0 or options.use_stored_records)
+    if options.layout != "nchw" and not tuned:  # as pack.build_archive
+        raise ArchiveError("--layout applies to tuned CPU builds: add --tune-trials or --stored-records-only")
     fixed = batch if isinstance(batch, int) else None
     if fixed is not None and options.batch_sizes and set(options.batch_sizes) != {fixed}:
         raise ArchiveError(

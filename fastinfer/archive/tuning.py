@@ -302,12 +302,24 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def pre_tuning(mod: Any, target: Any) -> Any:
-    """Legalize and mark weights as layout-free, as ``static_shape_tuning_pipeline`` does first."""
+LAYOUTS = ("nchw", "nhwc")  # the activation layout convolutions compute in; "nchw": the model's own
+
+
+def pre_tuning(mod: Any, target: Any, layout: str = "nchw") -> Any:
+    """Legalize and mark weights as layout-free, as ``static_shape_tuning_pipeline`` does first.
+
+    ``layout`` "nhwc" converts every 2-D convolution to NHWC activations and OHWI weights first
+    (see :func:`convert_layout`). It changes the tuning workloads: records tuned for one layout do
+    not cover the other.
+    """
     import tvm
     from tvm.relax import transform
     from tvm.relax.pipeline import zero_pipeline
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: one of {', '.join(LAYOUTS)}")
+    if layout == "nhwc":
+        mod = convert_layout(mod)
     with target:
         return tvm.transform.Sequential(
             [
@@ -317,6 +329,61 @@ def pre_tuning(mod: Any, target: Any) -> Any:
                 transform.AttachAttrLayoutFreeBuffers(),
             ]
         )(mod)
+
+
+def convert_layout(mod: Any) -> Any:
+    """``mod`` with its 2-D convolutions on NHWC activations and OHWI weights.
+
+    With channels innermost a 1x1 convolution is a GEMM over contiguous channels, and a depthwise
+    one reads a vector of channels per pixel. Relax's ConvertLayout carries the layout through the
+    operators between convolutions and transposes only where it cannot (the model's input, and the
+    flatten before the classifier); the weights' transposes fold into constants.
+
+    The ONNX frontend lowers Clip (ReLU6) to TIR calls of ``maximum``/``minimum`` with scalar
+    bounds, which ConvertLayout cannot see through: it would transpose to NCHW and back around
+    every ReLU6, and those transposes would keep the clip out of the convolution's fused kernel.
+    So such calls become Relax's own ``maximum``/``minimum`` first (the same computation). And
+    ConvertLayout fails on dropout's (output, mask) tuple (SqueezeNet has one), which inference
+    drops anyway (LegalizeOps makes it the identity): it becomes its input.
+    """
+    from tvm.relax import transform
+
+    mod = transform.FoldConstant()(mod)  # the clip bounds (NaN-checked by the frontend) -> scalars
+    mod["main"] = _make_rewriter()(mod).visit_expr(mod["main"])
+    mod = transform.CanonicalizeBindings()(mod)
+    mod = transform.DeadCodeElimination()(mod)
+    return transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+
+
+def _make_rewriter() -> Any:
+    """An expression mutator for :func:`convert_layout`: ``call_tir(maximum|minimum, (x, scalar
+    constant))``, as the ONNX frontend emits for Clip, becomes ``R.maximum``/``R.minimum``, and
+    ``R.nn.dropout(x)`` becomes ``(x, x)``; defined lazily (TVM import)."""
+    import re
+
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    dropout = tvm.ir.Op.get("relax.nn.dropout")
+    ops = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if call.op == dropout:
+                return relax.Tuple([call.args[0], call.args[0]])
+            if call.op != call_tir:
+                return call
+            # emit_te names the PrimFunc after the TOPI function: maximum, maximum1, ...
+            name = re.fullmatch(r"(maximum|minimum)\d*", call.args[0].name_hint)
+            args = list(call.args[1].fields)
+            if name and len(args) == 2 and isinstance(args[1], tvm.ir.expr.Constant) and len(args[1].ty.shape) == 0:
+                return ops[name.group(1)](args[0], args[1])
+            return call
+
+    return Rewriter
 
 
 def apply_records(mod: Any, target: Any, database: Any) -> Any:
