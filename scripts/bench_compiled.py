@@ -51,7 +51,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="all-threads: threads")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="all-threads, serving, or both")
     parser.add_argument("--skip-untuned", action="store_true", help="untuned ResNet-50 takes seconds a batch")
-    parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="tuned builds' convolution layout")
+    parser.add_argument(
+        "--layout", choices=("auto", "nchw", "nhwc"), default="auto", help="tuned builds' convolution layout"
+    )
     parser.add_argument("--tune-trials", type=int, default=0, help="tune tasks the records miss, N trials each")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "fastinfer-bench-cache"))
     return parser.parse_args()
@@ -70,7 +72,7 @@ def build(source: Path, name: str, sizes: tuple[int, ...], tuned: bool, num_core
         use_stored_records=tuned,
         tune_trials=args.tune_trials if tuned else 0,
         num_cores=num_cores,
-        layout=args.layout if tuned else "nchw",  # untuned builds are NCHW only
+        layout=args.layout if tuned else "auto",  # untuned builds are NCHW only
         stream=sys.stderr,
     )
     build_archive(source, output, options)

@@ -56,7 +56,7 @@ def onnx_source(model: str, cache_dir: str | Path) -> Path:
 
 
 def tuned_archive(
-    model: str, folder: Path, batch_sizes: str, num_cores: int | None = None, layout: str = "nchw"
+    model: str, folder: Path, batch_sizes: str, num_cores: int | None = None, layout: str = "auto"
 ) -> Path:
     """``model`` as a tuned archive, one library per batch size, compiled for ``num_cores`` (None:
     all) and ``layout`` from the tuning records the package ships (tasks they miss get default schedules)."""
@@ -289,7 +289,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        archive = tuned_archive(args.model, folder, args.batch_sizes)
+        # Workers of --devices cpu:N run one thread each: the code tuned for one core is what serves.
+        one_per_core = args.devices is None or args.devices.startswith("cpu:")
+        archive = tuned_archive(args.model, folder, args.batch_sizes, num_cores=1 if one_per_core else None)
         cores = len(os.sched_getaffinity(0))
         model = load_model(
             args.model, str(archive), cache_dir=str(folder / "cache"), num_cores=cores, max_image_pixels=0

@@ -308,7 +308,7 @@ def _build(torch: Any, program: Any, source: bytes, source_name: str, output: Pa
     inputs = [replace(i, dims=tuple(bound.get(d, d) if isinstance(d, str) else d for d in i.dims)) for i in inputs]
     batch, specs = _batch(inputs)
     tuned = target["kind"] == "llvm" and (options.tune_trials > 0 or options.use_stored_records)
-    if options.layout != "nchw" and not tuned:  # as pack.build_archive
+    if options.layout not in ("auto", "nchw") and not tuned:  # as pack.build_archive
         raise ArchiveError("--layout applies to tuned CPU builds: add --tune-trials or --stored-records-only")
     fixed = batch if isinstance(batch, int) else None
     if fixed is not None and options.batch_sizes and set(options.batch_sizes) != {fixed}:
@@ -333,7 +333,9 @@ def _build(torch: Any, program: Any, source: bytes, source_name: str, output: Pa
         reference = _Reference(torch, program, specs)
         batches = ", ".join(str(size or "any") for size in sizes)
         print(f"compiling for {targets.describe(target)}, batch {batches}", file=stream, flush=True)
-        libraries, tuning_info, tuning_detail = _compile(mod, batch, target, sizes, tuned, options, staging, stream)
+        libraries, tuning_info, tuning_detail, layouts = _compile(
+            mod, batch, target, sizes, tuned, options, staging, stream
+        )
         verification = _verify(reference, staging, libraries, target, served, stream)
         more = {}
         for extra in more_targets:  # further targets: untuned, one library with a symbolic batch axis
@@ -369,6 +371,7 @@ def _build(torch: Any, program: Any, source: bytes, source_name: str, output: Pa
                 "verified": verification,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **({"tuning": tuning_detail} if tuning_detail else {}),
+                **({"layout": pack._layout_summary(layouts)} if set(layouts.values()) - {"nchw"} else {}),
             },
             more_targets=more,
             source_format=SOURCE_FORMAT,
@@ -396,9 +399,9 @@ def _compile(
     options: BuildOptions,
     staging: Path,
     stream: TextIO,
-) -> tuple[dict[int | None, str], Tuning | None, dict]:
+) -> tuple[dict[int | None, str], Tuning | None, dict, dict[int | None, str]]:
     """One library per entry of ``sizes`` (None: the batch axis left symbolic), as ``pack`` compiles
-    ONNX; returns archive paths, the tuning summary and its per-batch detail."""
+    ONNX; returns archive paths, the tuning summary, its per-batch detail and the layouts."""
     libraries: dict[int | None, str] = {}
     (staging / "lib").mkdir()
     mods = {size: _with_batch(mod, batch, size) for size in sizes}
@@ -407,11 +410,11 @@ def _compile(
             path = "lib/model.so" if size is None else f"lib/model-b{size}.so"
             pack._plain_build(sized, target, staging / path, f"{options.name} batch {size or 'N'}", stream)
             libraries[size] = path
-        return libraries, None, {}
+        return libraries, None, {}, dict.fromkeys(mods, "nchw")
     records = pack.records_folder(options.cache_dir, target, options.records_dir)
     tuning.recover(records, stream)  # records a killed tuning run left behind
     seeded = "" if options.records_dir else pack._seed_records(records, target)
-    prepared, tasks_total, tuned_now = pack._tune(mods, target, records, options, stream)
+    prepared, tasks_total, tuned_now, layouts = pack._tune(mods, target, records, options, stream)
     for size, sized in prepared.items():
         path = f"lib/model-b{size}.so"
         pack._tuned_build(sized, target, records, f"{options.name} batch {size}", staging / path, stream)
@@ -427,7 +430,7 @@ def _compile(
         records_file=f"tuning/{tuning.RECORDS_FILE}",
         records_source=",".join(filter(None, ["tuned" if tuned_now else "", stored])),
     )
-    return libraries, summary, detail
+    return libraries, summary, detail, layouts
 
 
 class _Reference:
