@@ -34,7 +34,7 @@ STAGING_LOCK = "staging.lock"
 # The build folders under the cache dir, and how the staging their builders make is named: that of
 # ensure_entry (extracted archives), and that of archive builds (pack.build_archive stages
 # ``.<archive name>.*`` beside the archive it writes: the default model's, and plain ONNX files').
-STAGING_NAMES = {"archives": STAGING_PREFIX, "default": ".efficientnet_lite0-", "onnx": "."}
+STAGING_NAMES = {"archives": STAGING_PREFIX, "default": ".efficientnet_lite0-", "onnx-archives": "."}
 
 
 def ensure_entry(entry: Path, complete_marker: str, build: Callable[[Path], None]) -> None:

@@ -135,7 +135,7 @@ def test_a_read_only_pre_built_cache_serves_the_default_model(tmp_path, read_onl
 def leave_staging(cache_dir: Path) -> list[Path]:
     """What builds killed midway leave: staging folders and files in each build folder."""
     left = [
-        cache_dir / "onnx" / ".relu-0123.fia.k1ll3d",
+        cache_dir / "onnx-archives" / ".relu-0123.fia.k1ll3d",
         cache_dir / "archives" / ".staging-m1dw4y",
         cache_dir / "default" / ".efficientnet_lite0-0123.fia.ab12cd",
     ]
@@ -173,7 +173,7 @@ def test_staging_of_a_live_build_is_kept_and_other_files_always(tmp_path):
     left = leave_staging(cache_dir)
     unrelated = cache_dir / "default" / ".not-staging"
     unrelated.touch()
-    with cache.building(cache_dir / "onnx" / "relu-0123.fia"):  # as another process, mid-build
+    with cache.building(cache_dir / "onnx-archives" / "relu-0123.fia"):  # as another process, mid-build
         removed = cache.remove_stale_staging(cache_dir)
         assert left[0].exists(), "the folder being built in is left alone"
     assert left[0] not in removed and left[1] in removed and not left[1].exists()

@@ -23,7 +23,7 @@ from fastinfer.logs import LogLines
 
 log = logging.getLogger(__name__)
 
-FOLDER = "onnx"  # under the cache dir
+FOLDER = "onnx-archives"  # under the cache dir
 
 
 def archive_for_onnx(name: str, onnx_path: str | Path, cache_dir: str | Path, num_cores: int) -> Path:
