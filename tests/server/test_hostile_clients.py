@@ -198,8 +198,9 @@ async def test_an_idle_connection_is_closed_and_the_clients_reconnect(server):
 
 
 async def test_a_slow_model_is_not_idle(tmp_path):
-    """Waiting for a slow answer is not idling: the connection stays open for it."""
-    settings = {"models": ("slow=echo:float32:4:1.5",), "header_timeout_s": 0.5}
+    """Waiting for a slow answer is not idling: the connection stays open for it (an answer three
+    idle timeouts long; the timeout itself generous, as the client's request must come within it)."""
+    settings = {"models": ("slow=echo:float32:4:3",), "header_timeout_s": 1.0}
     async with running_server(tmp_path, **settings) as server, AsyncClient(binary_address(server)) as client:
         await client.infer("slow", {"input": np.ones((1, 4), np.float32)})
 
