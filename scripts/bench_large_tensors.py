@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from bench_serving import wait_for_line
 
 COUNT = 3 * 224 * 224
 SHAPE = (1, COUNT)  # the echo model's tensors are flat: the bytes of 1x3x224x224
@@ -32,15 +32,6 @@ SHAPE = (1, COUNT)  # the echo model's tensors are flat: the bytes of 1x3x224x22
 def front_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for(log: Path, pattern: str, timeout_s: float) -> re.Match:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if match := re.search(pattern, log.read_text()):
-            return match
-        time.sleep(0.05)
-    raise TimeoutError(f"{pattern!r} not in the server's log:\n{log.read_text()}")
 
 
 def run_cell(call: Callable[[], None], duration_s: float, pid: int) -> dict[str, float]:
@@ -86,10 +77,10 @@ def main() -> None:
         )  # fmt: skip
         handles = []
         try:
-            ports = wait_for(
+            ports = wait_for_line(
                 log, r"http://127\.0\.0\.1:(\d+),.*binary tcp://127\.0\.0\.1:(\d+), gRPC 127\.0\.0\.1:(\d+)", 60
             )
-            wait_for(log, "all workers are warm", 120)
+            wait_for_line(log, "all workers are warm", 120)
             http_url, binary_url, grpc_url = (
                 f"127.0.0.1:{ports[1]}",
                 f"tcp://127.0.0.1:{ports[2]}",

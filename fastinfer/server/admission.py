@@ -9,17 +9,44 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Collection
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
 from fastinfer.errors import BadRequest, FastInferError, ModelNotFound, RequestTimeout
 
+if TYPE_CHECKING:
+    from fastinfer.server.metrics import Metrics
+
 IMAGE_FIELDS = ("data", "input0")
 RETRY_AFTER_S = 1
 DEADLINE_HEADER = "X-Deadline-Ms"
 MODEL_VERSION = "1"  # models have one version until archives carry theirs
+
+
+class Counted:
+    """A request a front answers in one call, counted: in flight while the ``with`` block runs, then
+    answered with its code (``ok``, a FastInferError's, or one the front sets) and latency, for a
+    model the server serves (an unknown name would grow the metrics without bound)."""
+
+    def __init__(self, metrics: Metrics, served: Collection[str], model: str, protocol: str):
+        self.metrics, self.served, self.model, self.protocol = metrics, served, model, protocol
+        self.code = "ok"
+
+    def __enter__(self) -> Counted:
+        self.started = time.perf_counter()
+        self.metrics.request_started(self.protocol)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: TracebackType | None) -> None:
+        if isinstance(error, FastInferError):
+            self.code = error.code
+        self.metrics.request_ended(self.protocol)
+        if self.model in self.served:
+            self.metrics.request_done(self.model, self.protocol, self.code, time.perf_counter() - self.started)
 
 
 def check_version(model: str, version: str | None) -> None:

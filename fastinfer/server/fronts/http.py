@@ -6,7 +6,6 @@ in shared memory, and everything heavier (decoding, numpy math) happens in the w
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -20,7 +19,7 @@ from fastinfer.errors import (
     PayloadTooLarge,
 )
 from fastinfer.protocol import aligned_buffer
-from fastinfer.server.admission import RETRY_AFTER_S, check_version, read_body_into, timeout_from
+from fastinfer.server.admission import RETRY_AFTER_S, Counted, check_version, read_body_into, timeout_from
 from fastinfer.server.fronts.access import AccessLog, bearer_auth, guard_server
 from fastinfer.server.fronts.jsonbody import json_response
 from fastinfer.server.fronts.jsonerrors import errors_as_json
@@ -52,18 +51,8 @@ class InferenceRoutes:
     async def predict(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
         check_version(model, request.match_info.get("version"))
-        started = time.perf_counter()
-        code = "ok"
-        self.metrics.request_started("http")
-        try:
+        with Counted(self.metrics, self.supervisor.model_paths, model, "http"):
             return await self._predict(request, model)
-        except FastInferError as error:
-            code = error.code
-            raise
-        finally:
-            self.metrics.request_ended("http")
-            if model in self.supervisor.model_paths:
-                self.metrics.request_done(model, "http", code, time.perf_counter() - started)
 
     async def _predict(self, request: web.Request, model: str) -> web.Response:
         signature = self.supervisor.signature(model)

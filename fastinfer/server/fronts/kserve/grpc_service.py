@@ -27,7 +27,6 @@ import functools
 import logging
 import math
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,7 +39,7 @@ import numpy as np
 from fastinfer import __version__
 from fastinfer.config import Config
 from fastinfer.errors import BadRequest, DeadlineExceeded, FastInferError, ModelNotReady, Unauthorized
-from fastinfer.server.admission import MODEL_VERSION, check_version
+from fastinfer.server.admission import MODEL_VERSION, Counted, check_version
 from fastinfer.server.fronts.access import token_matches
 from fastinfer.server.fronts.kserve import codec, inference, proto, sysshm
 from fastinfer.server.fronts.kserve.sysshm import ClientRegions
@@ -307,20 +306,8 @@ class GrpcFront:
     # -- inference --
 
     async def ModelInfer(self, request: Any, response: Any, context: grpc.aio.ServicerContext) -> Any:
-        model = request.model_name
-        started = time.perf_counter()
-        code = "ok"
-        metrics = self.supervisor.metrics
-        metrics.request_started(PROTOCOL)
-        try:
+        with Counted(self.supervisor.metrics, self.supervisor.model_paths, request.model_name, PROTOCOL):
             return await self._infer(request, context)
-        except FastInferError as error:
-            code = error.code
-            raise
-        finally:
-            metrics.request_ended(PROTOCOL)
-            if model in self.supervisor.model_paths:
-                metrics.request_done(model, PROTOCOL, code, time.perf_counter() - started)
 
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         check_version(request.model_name, request.model_version or None)

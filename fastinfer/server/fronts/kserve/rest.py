@@ -14,17 +14,22 @@ and point to ``/predictions``.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from fastinfer import __version__
 from fastinfer.config import Config
-from fastinfer.errors import BadRequest, FastInferError, PayloadTooLarge
+from fastinfer.errors import BadRequest, PayloadTooLarge
 from fastinfer.protocol import aligned_buffer
-from fastinfer.server.admission import MODEL_VERSION, RETRY_AFTER_S, check_version, read_body_into, timeout_from
+from fastinfer.server.admission import (
+    MODEL_VERSION,
+    RETRY_AFTER_S,
+    Counted,
+    check_version,
+    read_body_into,
+    timeout_from,
+)
 from fastinfer.server.fronts.access import CHECKS_TOKEN, bearer_auth
 from fastinfer.server.fronts.jsonbody import json_response
 from fastinfer.server.fronts.jsonerrors import errors_as
@@ -85,21 +90,12 @@ class V2Routes:
 
     async def infer(self, request: web.Request) -> web.Response:
         model = request.match_info["model"]
-        started = time.perf_counter()
-        code = "ok"
-        self.metrics.request_started(PROTOCOL)
-        try:
-            return await self._infer(request)
-        except FastInferError as error:
-            code = error.code
-            raise
-        except web.HTTPException as error:
-            code = error.reason.lower().replace(" ", "_")
-            raise
-        finally:
-            self.metrics.request_ended(PROTOCOL)
-            if model in self.supervisor.model_paths:
-                self.metrics.request_done(model, PROTOCOL, code, time.perf_counter() - started)
+        with Counted(self.metrics, self.supervisor.model_paths, model, PROTOCOL) as counted:
+            try:
+                return await self._infer(request)
+            except web.HTTPException as error:
+                counted.code = error.reason.lower().replace(" ", "_")
+                raise
 
     async def _infer(self, request: web.Request) -> web.Response:
         signature = self._signature(request)
