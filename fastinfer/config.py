@@ -297,9 +297,7 @@ class Config:
         """The models whose batches may hold more or fewer rows than ``batch_limits()`` says: the
         workers lay out those models' batches by the same numbers as the batcher."""
         overrides = parse_model_limits(self.model_limits)
-        return {
-            name: self.limits_for(name).batch_max_size for name, own in overrides.items() if "batch_max_size" in own
-        }
+        return {name: int(own["batch_max_size"]) for name, own in overrides.items() if "batch_max_size" in own}
 
     @property
     def cache_path(self) -> Path:
