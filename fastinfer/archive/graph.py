@@ -13,6 +13,12 @@ leading axis is the batch and the constant's other axes hold one sample's elemen
 each sample what it did at batch 1. Whatever else fixes the batch, where inference shows an output
 whose leading axis stays fixed, is refused; the build's verification compares every batch with the
 exported graph run one sample at a time.
+
+Sums. TVM's ONNX frontend turns a ``Sum`` node (ResNet-50's residual connections) into a stack of its
+inputs along a new axis and a reduction over it: a copy of every input, a kernel that no
+convolution fuses with, and a 5-D tensor that stops Relax's layout conversion. The same sum as a
+chain of ``Add`` nodes (the same broadcasting) fuses into the convolution that makes its input, as
+a residual add should.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def with_batch(model: Any, batch: int | str) -> Any:
 def for_tvm(model: Any, batch_sizes: Iterable[int] | None) -> Any:
     """The graph to convert with TVM's ONNX frontend: inputs renamed for generated code, and the
     batch axis opened when ``model`` was exported for batch 1 and is compiled for more."""
-    graph = safe_input_names(model)
+    graph = sums_as_adds(safe_input_names(model))
     exported = {v.type.tensor_type.shape.dim[0].dim_value for v in graph_inputs(graph) if v.type.tensor_type.shape.dim}
     if exported == {1} and any(size != 1 for size in batch_sizes or ()):
         graph = open_batch(graph)
@@ -77,11 +83,7 @@ def safe_input_names(model: Any) -> Any:
             continue
         base = re.sub(r"[^A-Za-z0-9_]", "_", value.name)
         base = base if base[:1].isalpha() or base[:1] == "_" else f"input_{base}"
-        name, count = base, 0
-        while name in taken:
-            count += 1
-            name = f"{base}_{count}"
-        taken.add(name)
+        name = _fresh(base, taken)
         renames.append(helper.make_node("Identity", [name], [value.name]))
         value.name = name
     if renames:
@@ -89,6 +91,45 @@ def safe_input_names(model: Any) -> Any:
         del copy.graph.node[:]
         copy.graph.node.extend(nodes)
     return copy
+
+
+def sums_as_adds(model: Any) -> Any:
+    """A copy of ``model`` whose ``Sum`` nodes are chains of ``Add`` (one input: ``Identity``)."""
+    import onnx
+    from onnx import helper
+
+    if not any(node.op_type == "Sum" for node in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    taken = _names(copy.graph)
+    nodes = []
+    for node in copy.graph.node:
+        if node.op_type != "Sum" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        inputs, output = list(node.input), node.output[0]
+        if len(inputs) == 1:
+            nodes.append(helper.make_node("Identity", inputs, [output], name=node.name))
+            continue
+        total = inputs[0]
+        for index, addend in enumerate(inputs[1:], start=1):
+            last = index == len(inputs) - 1
+            result = output if last else _fresh(f"{output}_partial{index}", taken)
+            nodes.append(helper.make_node("Add", [total, addend], [result], name=f"{node.name}_add{index}"))
+            total = result
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, count = base, 0
+    while name in taken:
+        count += 1
+        name = f"{base}_{count}"
+    taken.add(name)
+    return name
 
 
 def _names(graph: Any) -> set[str]:
@@ -128,11 +169,7 @@ def open_batch(model: Any) -> Any:
             shape = _per_sample_shape(shapes.get(node.input[0]), constants[node.input[1]])
             if shape is None:
                 continue
-            name, count = f"{node.input[1]}_any_batch", 0
-            while name in taken:
-                count += 1
-                name = f"{node.input[1]}_any_batch_{count}"
-            taken.add(name)
+            name = _fresh(f"{node.input[1]}_any_batch", taken)
             graph.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), name))
             if listed:
                 graph.graph.input.append(helper.make_tensor_value_info(name, TensorProto.INT64, [len(shape)]))

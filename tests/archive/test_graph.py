@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fastinfer.archive.graph import for_tvm, graph_inputs, safe_input_names, with_batch
+from fastinfer.archive.graph import for_tvm, graph_inputs, safe_input_names, sums_as_adds, with_batch
 from fastinfer.archive.manifest import ArchiveError
 
 
@@ -120,3 +120,20 @@ def test_leading_one_that_is_not_the_batch_axis_is_not_opened():
     )
     with pytest.raises(ArchiveError, match="fixes batch 1"):
         for_tvm(model, [1, 8])
+
+
+@pytest.mark.parametrize("shapes", [[[1, 3]], [[2, 3], [2, 3]], [[2, 3], [1, 3], [3]]])
+def test_sums_become_adds_that_compute_the_same(shapes):
+    names = [f"x{index}" for index in range(len(shapes))]
+    model = make_model(
+        [helper.make_node("Sum", names, ["s"], name="sum"), helper.make_node("Relu", ["s"], ["y"])],
+        [value(name, shape) for name, shape in zip(names, shapes, strict=True)],
+        [value("y", list(np.broadcast_shapes(*shapes)))],
+    )
+    graph = sums_as_adds(model)
+    assert [node.op_type for node in graph.graph.node] == [*(["Add"] * (len(shapes) - 1) or ["Identity"]), "Relu"]
+    onnx.checker.check_model(graph, full_check=True)
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in zip(names, shapes, strict=True)}
+    np.testing.assert_allclose(run(graph, feeds)[0], run(model, feeds)[0], rtol=1e-6)
+    assert for_tvm(model, [1]).graph.node[0].op_type != "Sum"  # the graph TVM compiles has none

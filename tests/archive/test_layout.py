@@ -17,7 +17,8 @@ from fastinfer.archive.graph import for_tvm, with_batch
 def conv_model() -> onnx.ModelProto:
     """What EfficientNet-Lite0 and SqueezeNet are made of, small: a strided conv with ReLU6 (Clip
     with constant bounds, which the ONNX frontend lowers to TIR calls), a depthwise conv, a 1x1 conv
-    with a residual add, a fire module's concat, dropout, pooling and a flattened classifier."""
+    with a residual sum (ONNX Sum, as ResNet-50 exports it: the frontend would stack its inputs
+    in 5-D), a fire module's concat, dropout, pooling and a flattened classifier."""
     rng = np.random.default_rng(0)
 
     def weight(name, *shape):
@@ -29,7 +30,7 @@ def conv_model() -> onnx.ModelProto:
         helper.make_node("Conv", ["r1", "wd"], ["d1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
         helper.make_node("Clip", ["d1", "lo", "hi"], ["r2"]),
         helper.make_node("Conv", ["r2", "wp", "bp"], ["p1"], kernel_shape=[1, 1]),
-        helper.make_node("Add", ["p1", "r1"], ["a1"]),
+        helper.make_node("Sum", ["p1", "r1", "r2"], ["a1"]),
         helper.make_node("Conv", ["a1", "we"], ["e1"], kernel_shape=[1, 1]),
         helper.make_node("Conv", ["a1", "we3"], ["e3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Concat", ["e1", "e3"], ["cat"], axis=1),
