@@ -14,9 +14,13 @@ model's inputs.
 Records survive interruptions. A run searches into a scratch database (``.tuning-*`` inside the
 records folder, which MetaSchedule appends to as each batch is measured) and merges it, pruned to
 the best record per workload, into the records folder when it ends, however it ends: done, out of
-time, Ctrl-C, or an exception. Only kill -9 (or a power cut) skips that merge; the scratch then
-stays behind, and the next run (or build) over the same folder merges it before it starts. A live
-run holds an flock on its scratch folder, so a concurrent run never takes another's scratch.
+time, Ctrl-C, or an exception. Before that merge (unless Ctrl-C stopped the run), the search's best
+few candidates of each task and the record they would replace are timed again side by side, and the
+fastest is kept (:mod:`fastinfer.archive.remeasure`: a search's single noisy figure per candidate
+picks the luckiest moment as often as the fastest schedule). Only kill -9 (or a power cut) skips
+that merge; the scratch then stays behind, and the next run (or build) over the same folder merges
+it before it starts. A live run holds an flock on its scratch folder, so a concurrent run never
+takes another's scratch.
 """
 
 from __future__ import annotations
@@ -479,6 +483,7 @@ def tune(
     work = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=records_dir))
     builder = None
     progress = None
+    settled: dict = {}
     with _held(work), _interrupt_stops(stop, stream):
         try:
             _reset_meta_schedule_handlers()
@@ -518,13 +523,14 @@ def tune(
                 cost_model=_cost_model(workers),
                 measure_callbacks=callbacks,
             )
+            settled = _time_rivals_again(work, records_dir, builder, stream, stop)
         except BaseException:
             stop.reason = stop.reason or "failed"
             raise
         finally:
             if builder is not None:
                 builder.close()
-            _merge_scratch(work, records_dir, stream)  # done, stopped or failed: keep what was measured
+            _merge_scratch(work, records_dir, stream, settled)  # done, stopped or failed: keep what was measured
             if progress is not None:
                 ending = f"stopped: {stop.reason}" if stop.reason else "done"
                 progress.finish(f"{ending}; records in {records_dir}")
@@ -551,13 +557,27 @@ def _records_locked(records_dir: Path) -> Iterator[None]:
         yield
 
 
-def _merge_scratch(work: Path, records_dir: Path, stream: TextIO) -> None:
+def _time_rivals_again(work: Path, records_dir: Path, builder: Any, stream: TextIO, stop: Stop) -> dict:
+    """The records that win when the search's best candidates and the records they would replace
+    are timed again side by side (see :mod:`fastinfer.archive.remeasure`); skipped after Ctrl-C."""
+    from fastinfer.archive import remeasure
+
+    if stop.reason == "interrupted":
+        return {}
+    contending = remeasure.contenders(
+        load_database(records_dir).get_all_tuning_records(), load_database(work).get_all_tuning_records()
+    )
+    return remeasure.settle(contending, builder, stream, stopped=lambda: stop.reason == "interrupted")
+
+
+def _merge_scratch(work: Path, records_dir: Path, stream: TextIO, settled: dict | None = None) -> None:
     """Merge a run's scratch database into ``records_dir`` and remove it; on failure leave it for
-    :func:`recover` to try again."""
+    :func:`recover` to try again. ``settled``: records by workload that replace whatever else the
+    two hold for it (the winners of :func:`_time_rivals_again`)."""
     try:
         _drop_torn_lines(work)
         with _records_locked(records_dir):
-            _merge_into(records_dir, [records_dir, work])
+            _merge_into(records_dir, [records_dir, work], settled)
     except Exception as error:
         print(f"could not merge the tuning records in {work}: {error}; the next run tries again", file=stream)
         return
@@ -730,12 +750,23 @@ def merge(source_dir: Path, records_dir: Path) -> None:
         _merge_into(records_dir, [records_dir, source_dir])
 
 
-def _merge_into(records_dir: Path, sources: list[Path]) -> None:
+def _merge_into(records_dir: Path, sources: list[Path], settled: dict | None = None) -> None:
     from tvm.s_tir import meta_schedule as ms
+
+    from fastinfer.archive.remeasure import workload_key
 
     merged = ms.database.MemoryDatabase()
     for source in sources:
         load_database(source).dump_pruned(merged)
+    if settled:
+        chosen = ms.database.MemoryDatabase()
+        records = [r for r in merged.get_all_tuning_records() if workload_key(r) not in settled]
+        for record in [*records, *settled.values()]:
+            workload = chosen.commit_workload(record.workload.mod)
+            chosen.commit_tuning_record(
+                ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+            )
+        merged = chosen
     _write_pruned(merged, records_dir)
 
 

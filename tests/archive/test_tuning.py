@@ -54,6 +54,7 @@ def test_tune_within_a_time_budget_then_build_from_the_records_alone(tmp_path, m
     err = capsys.readouterr().err
     assert code == 0, err
     assert "2 tasks, 8/12 trials" in err and "stopped: time budget spent" in err, err
+    assert "timing the best schedules of 2 tasks again, side by side" in err, err  # the search's best, settled
     assert tuning.database_summary(records) == {"workloads": 2, "records": 2}
     assert not list(records.glob(".tuning-*")), "the scratch database was left behind"
 

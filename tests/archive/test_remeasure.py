@@ -1,0 +1,105 @@
+"""Rival records timed again side by side: a lucky figure does not keep a slower schedule.
+
+A 128x128 matmul's naive loop nest (a float reduction chain per element) against the same with its
+reduction loop moved outward (the inner loop runs along rows, which LLVM vectorizes): several times
+faster, whatever the load. The naive one carries a figure from a "quiet moment" far below the
+other's; timed again in turns, the faster schedule wins, with its new timings.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import s_tir, te  # noqa: E402
+from tvm.s_tir import meta_schedule as ms  # noqa: E402
+
+from fastinfer.archive import remeasure, tuning  # noqa: E402
+
+TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+
+
+class InProcessBuilder:
+    """The tuner's builder's contract (BuilderInput in, artifact paths out), in this process."""
+
+    def build(self, inputs: list) -> list:
+        results = []
+        for item in inputs:
+            folder = Path(tempfile.mkdtemp(prefix="remeasure-test-"))
+            path = folder / "built.so"
+            tvm.compile(item.mod, target=item.target).export_library(str(path))
+            results.append(SimpleNamespace(artifact_path=str(path)))
+        return results
+
+
+def matmul_schedules():
+    a = te.placeholder((128, 128), name="A")
+    b = te.placeholder((128, 128), name="B")
+    k = te.reduce_axis((0, 128), name="k")
+    c = te.compute((128, 128), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
+    naive = s_tir.Schedule(mod)
+    rows = s_tir.Schedule(mod)
+    i, j, reduction = rows.get_loops(rows.get_sblock("C"))
+    rows.reorder(i, reduction, j)
+    return mod, naive.trace, rows.trace
+
+
+def record(database, mod, trace, seconds):
+    workload = database.commit_workload(mod)
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    return ms.database.TuningRecord(trace, workload, [seconds], TARGET, args)
+
+
+def test_the_faster_schedule_wins_over_a_lucky_figure():
+    mod, naive, rows = matmul_schedules()
+    database = ms.database.MemoryDatabase()
+    kept = record(database, mod, naive, 1e-6)  # its figure: a quiet moment, or a wrong one
+    found = record(database, mod, rows, 1e-3)
+    failed = record(database, mod, rows, 1e10)  # how MetaSchedule records a failed run
+
+    contending = remeasure.contenders([kept], [found, failed, kept])
+    assert list(contending) == [remeasure.workload_key(kept)]
+    assert len(contending[remeasure.workload_key(kept)]) == 2  # the failed one and the duplicate are out
+
+    stream = io.StringIO()
+    winners = remeasure.settle(contending, InProcessBuilder(), stream)
+    winner = winners[remeasure.workload_key(kept)]
+    assert str(winner.trace.as_json()) == str(rows.as_json())
+    assert len(winner.run_secs) == remeasure.ROUNDS and 0 < remeasure.mean_s(winner) < 1
+    assert "timing the best schedules of 1 tasks again" in stream.getvalue()
+
+
+def test_nothing_to_settle_where_the_search_found_nothing_new():
+    mod, naive, rows = matmul_schedules()
+    database = ms.database.MemoryDatabase()
+    kept = record(database, mod, naive, 1e-3)
+    assert remeasure.contenders([kept], [kept]) == {}  # the scratch's copy of the kept record
+    assert remeasure.contenders([], [record(database, mod, rows, 1e-3)]) == {}  # a task's first record
+    assert remeasure.settle({}, InProcessBuilder(), io.StringIO()) == {}
+
+
+def test_a_stop_leaves_the_rest_to_the_search(tmp_path):
+    mod, naive, rows = matmul_schedules()
+    database = ms.database.MemoryDatabase()
+    contending = remeasure.contenders([record(database, mod, naive, 1e-6)], [record(database, mod, rows, 1e-3)])
+    assert remeasure.settle(contending, InProcessBuilder(), io.StringIO(), stopped=lambda: True) == {}
+
+
+def test_the_merge_keeps_the_settled_record_over_a_lower_figure(tmp_path):
+    mod, naive, rows = matmul_schedules()
+    folder, scratch = tmp_path / "records", tmp_path / "records" / ".tuning-x"
+    for where, trace, seconds in ((folder, naive, 1e-6), (scratch, rows, 1e-3)):
+        database = tuning.load_database(where)
+        database.commit_tuning_record(record(database, mod, trace, seconds))
+    settled_database = ms.database.MemoryDatabase()
+    settled = record(settled_database, mod, rows, 2e-4)
+    tuning._merge_into(folder, [folder, scratch], {remeasure.workload_key(settled): settled})
+    (kept,) = tuning.load_database(folder).get_all_tuning_records()
+    assert str(kept.trace.as_json()) == str(rows.as_json()) and remeasure.mean_s(kept) == pytest.approx(2e-4)
