@@ -93,6 +93,13 @@ def add_records_flags(parser: argparse.ArgumentParser) -> None:
         sub = actions.add_parser(action, help=help_text)
         sub.add_argument("dir", metavar="DIR")
         _add_target_flags(sub, with_target=True)
+        if action == "import":
+            sub.add_argument(
+                "--by-figures",
+                action="store_true",
+                help="where both hold a record for a task, keep the one with the lower recorded time "
+                "instead of timing the two again on this host (the default where this host runs the target)",
+            )
 
 
 def add_inspect_flags(parser: argparse.ArgumentParser) -> None:
@@ -229,7 +236,8 @@ def run_records(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as unpacked:
             source = _plain_database(source, Path(unpacked))
             _check_records_target(source, target)
-            tuning.merge(source, records)
+            timed_here = not args.by_figures and targets.can_run_here(target)
+            tuning.merge(source, records, time_rivals_on=sys.stdout if timed_here else None)
         print(f"imported {_count(source)} into {records}")
     except FastInferError as error:
         print(f"fastinfer records: error: {error.message}", file=sys.stderr)

@@ -744,10 +744,28 @@ def all_tasks(mod: Any, target: Any) -> list:
     return list(ms.relax_integration.extract_tasks(mod, target))
 
 
-def merge(source_dir: Path, records_dir: Path) -> None:
-    """Add the records in ``source_dir`` to the database in ``records_dir``, keeping the best of each."""
+def merge(source_dir: Path, records_dir: Path, time_rivals_on: TextIO | None = None) -> None:
+    """Add the records in ``source_dir`` to the database in ``records_dir``, keeping the best of each:
+    by their figures, or with ``time_rivals_on`` (a stream for progress), where both hold a record for
+    a workload, by timing the two again here side by side (figures measured on another machine, or
+    under another load, do not compare)."""
+    from fastinfer.archive import remeasure
+
     with _records_locked(records_dir):
-        _merge_into(records_dir, [records_dir, source_dir])
+        settled = {}
+        if time_rivals_on is not None:
+            contending = remeasure.contenders(
+                load_database(records_dir).get_all_tuning_records(),
+                load_database(source_dir).get_all_tuning_records(),
+                limit=1,
+            )
+            builder = _make_builder_class()(max_workers=os.cpu_count() or 1, timeout_sec=60.0) if contending else None
+            try:
+                settled = remeasure.settle(contending, builder, time_rivals_on)
+            finally:
+                if builder is not None:
+                    builder.close()
+        _merge_into(records_dir, [records_dir, source_dir], settled)
 
 
 def _merge_into(records_dir: Path, sources: list[Path], settled: dict | None = None) -> None:

@@ -45,6 +45,7 @@ def matmul_schedules():
     c = te.compute((128, 128), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
     mod = tvm.IRModule({"main": te.create_prim_func([a, b, c])})
     naive = s_tir.Schedule(mod)
+    naive.get_loops(naive.get_sblock("C"))  # as it stands (a record's trace is never empty)
     rows = s_tir.Schedule(mod)
     i, j, reduction = rows.get_loops(rows.get_sblock("C"))
     rows.reorder(i, reduction, j)
@@ -103,3 +104,17 @@ def test_the_merge_keeps_the_settled_record_over_a_lower_figure(tmp_path):
     tuning._merge_into(folder, [folder, scratch], {remeasure.workload_key(settled): settled})
     (kept,) = tuning.load_database(folder).get_all_tuning_records()
     assert str(kept.trace.as_json()) == str(rows.as_json()) and remeasure.mean_s(kept) == pytest.approx(2e-4)
+
+
+def test_an_import_times_rival_records_again_unless_told_to_trust_figures(tmp_path):
+    mod, naive, rows = matmul_schedules()
+    for name, time_rivals in (("timed", True), ("figures", False)):
+        folder, source = tmp_path / name / "records", tmp_path / name / "imported"
+        for where, trace, seconds in ((folder, naive, 1e-6), (source, rows, 1e-3)):
+            database = tuning.load_database(where)
+            database.commit_tuning_record(record(database, mod, trace, seconds))
+        stream = io.StringIO()
+        tuning.merge(source, folder, time_rivals_on=stream if time_rivals else None)
+        (kept,) = tuning.load_database(folder).get_all_tuning_records()
+        assert str(kept.trace.as_json()) == str((rows if time_rivals else naive).as_json()), name
+        assert ("timing the best schedules of 1 tasks again" in stream.getvalue()) == time_rivals
