@@ -192,7 +192,10 @@ def tune_onnx(onnx_path: str | Path, options: TuneOptions) -> tuple[Path, int]:
             mod = from_onnx(with_batch(graph, size or BATCH), keep_params_in_input=False)
         except Exception as error:
             raise ArchiveError(f"TVM could not convert the model at batch {size}: {error}") from error
-        mods.append(tuning.pre_tuning(mod, tvm_target, "nhwc" if options.layout == "auto" else options.layout))
+        if options.layout == "auto":
+            mods.append(tuning.pre_tuning_auto(mod, tvm_target, stream)[0])
+        else:
+            mods.append(tuning.pre_tuning(mod, tvm_target, options.layout))
     label = f"{Path(onnx_path).stem} (batch {', '.join(str(s) for s in sizes)})"
     try:
         tuned = tuning.tune(
@@ -558,13 +561,14 @@ def _tune(
     try:
         if options.layout == "auto" and options.use_stored_records:
             database = tuning.load_database(records)
-            chosen = {size: _best_covered(mod, tvm_target, database) for size, mod in mods.items()}
-            prepared = {size: mod for size, (mod, _) in chosen.items()}
-            layouts = {size: layout for size, (_, layout) in chosen.items()}
+            chosen = {size: _best_covered(mod, tvm_target, database, stream) for size, mod in mods.items()}
+        elif options.layout == "auto":  # a search tunes NHWC where the graph converts
+            chosen = {size: tuning.pre_tuning_auto(mod, tvm_target, stream) for size, mod in mods.items()}
         else:
-            layout = "nhwc" if options.layout == "auto" else options.layout
-            prepared = {size: tuning.pre_tuning(mod, tvm_target, layout) for size, mod in mods.items()}
-            layouts = dict.fromkeys(mods, layout)
+            forced = options.layout
+            chosen = {size: (tuning.pre_tuning(mod, tvm_target, forced), forced) for size, mod in mods.items()}
+        prepared = {size: mod for size, (mod, _) in chosen.items()}
+        layouts = {size: layout for size, (_, layout) in chosen.items()}
         tasks = sum(len(tuning.all_tasks(mod, tvm_target)) for mod in prepared.values())
         tuned = 0
         if options.use_stored_records:  # never searches: tasks without records keep default schedules
@@ -584,16 +588,19 @@ def _tune(
     return prepared, tasks, tuned, layouts
 
 
-def _best_covered(mod: Any, tvm_target: Any, database: Any) -> tuple[Any, str]:
+def _best_covered(mod: Any, tvm_target: Any, database: Any, stream: TextIO) -> tuple[Any, str]:
     """``mod`` prepared in the layout whose tasks ``database`` covers best: a task without a record
     keeps a default schedule, tens of times slower than a tuned one. NHWC first, so that a tie (both
     covered) goes to it: tuned at an equal budget, it ran in two thirds of NCHW's time. Not the
     records' own estimates: those are timed on whatever machine, under whatever load, tuned them
     (the shipped NCHW ones say 10 ms for EfficientNet-Lite0, the NHWC ones 30 ms, where side by side
     NHWC runs in 16 ms and NCHW in 22)."""
+    converted, layout = tuning.pre_tuning_auto(mod, tvm_target, stream)
+    if layout == "nchw":  # the graph does not convert to NHWC
+        return converted, layout
     best: tuple[int, Any, str] | None = None
     for layout in ("nhwc", "nchw"):
-        prepared = tuning.pre_tuning(mod, tvm_target, layout)
+        prepared = converted if layout == "nhwc" else tuning.pre_tuning(mod, tvm_target, layout)
         missing = len(tuning.untuned_tasks(prepared, tvm_target, database))
         if best is None or missing < best[0]:
             best = (missing, prepared, layout)

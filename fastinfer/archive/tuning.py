@@ -335,6 +335,18 @@ def pre_tuning(mod: Any, target: Any, layout: str = "nchw") -> Any:
         )(mod)
 
 
+def pre_tuning_auto(mod: Any, target: Any, stream: TextIO) -> tuple[Any, str]:
+    """``mod`` prepared in NHWC, the layout that tunes faster, or in NCHW where TVM's layout
+    conversion fails on the graph (an operator it cannot carry a layout through): said on
+    ``stream``, the build goes on. Returns the module and its layout."""
+    try:
+        return pre_tuning(mod, target, "nhwc"), "nhwc"
+    except Exception as error:  # TVM's InternalError or ValueError, from inside ConvertLayout
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        print(f"convolutions stay NCHW: TVM could not convert this graph to NHWC ({reason})", file=stream)
+        return pre_tuning(mod, target, "nchw"), "nchw"
+
+
 def convert_layout(mod: Any) -> Any:
     """``mod`` with its 2-D convolutions on NHWC activations and OHWI weights.
 

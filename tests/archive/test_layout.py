@@ -128,3 +128,24 @@ def test_archive_with_the_nhwc_layout_is_verified_and_says_so(tmp_path, capsys):
     manifest = load(archive, tmp_path / "cache").manifest
     assert manifest.build["layout"] == "nhwc"
     assert manifest.build["verified"], manifest.build
+
+
+def test_a_graph_the_layout_conversion_refuses_builds_in_nchw(tmp_path, capsys, monkeypatch):
+    from fastinfer import cli
+    from fastinfer.archive.load import load
+
+    def refuses(mod):
+        raise RuntimeError("Traceback ...\nInvalid SLayout:can't find S in source layoutABCDE")
+
+    monkeypatch.setattr(tuning, "convert_layout", refuses)  # as TVM did on ResNet-50's 5-D sums
+    onnx.save(conv_model(), str(tmp_path / "convs.onnx"))
+    archive = tmp_path / "convs.fia"
+    build = ["archive", str(tmp_path / "convs.onnx"), "--name", "convs", "--batch-sizes", "1", "-o", str(archive)]
+    build += ["--target", '{"kind": "llvm", "num-cores": 1}', "--stored-records-only", "--records", str(tmp_path / "r")]
+    assert cli.main(build) == 0  # --layout auto, the default
+    said = "".join(capsys.readouterr())
+    assert "convolutions stay NCHW: TVM could not convert this graph to NHWC (Invalid SLayout" in said, said
+    assert load(archive, tmp_path / "cache").manifest.build.get("layout", "nchw") == "nchw"
+
+    assert cli.main([*build, "--layout", "nhwc"]) == 1  # asked for by name: the error, not a fallback
+    assert "Invalid SLayout" in capsys.readouterr().err
