@@ -78,6 +78,11 @@ def test_records_export_and_import(tmp_path, capsys):
     assert cli.main(["records", "export", str(tmp_path / "out"), *flags]) == 0
     assert tuning.database_summary(tmp_path / "out") == summary
     assert f"{summary['records']} records" in capsys.readouterr().out
+    # Again: every task now has the same record on both sides, so nothing is timed (nor by figures).
+    assert cli.main(["records", "import", str(source), *flags]) == 0
+    assert cli.main(["records", "import", str(source), "--by-figures", *flags]) == 0
+    assert tuning.database_summary(folder) == summary
+    assert "timing" not in capsys.readouterr().out
 
     gzipped = tmp_path / "gz"  # the shipped layout imports as well
     gzipped.mkdir()
