@@ -70,7 +70,7 @@ def settle(
 ) -> dict[str, Any]:
     """Per workload, the winner of its contenders timed again in turns, as a new record that holds
     those timings. A workload whose contenders cannot all be timed (not a CPU target, a build that
-    fails, ``stopped()`` before its turn) is left out: the caller keeps the search's choice."""
+    fails, ``stopped()`` before its turn) is left out: the caller chooses by the figures."""
     from tvm.s_tir import meta_schedule as ms
 
     winners: dict[str, Any] = {}
