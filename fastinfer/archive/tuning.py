@@ -320,6 +320,8 @@ def pre_tuning(mod: Any, target: Any, layout: str = "nchw") -> Any:
     from tvm.relax import transform
     from tvm.relax.pipeline import zero_pipeline
 
+    from fastinfer.archive import concat
+
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: one of {', '.join(LAYOUTS)}")
     if layout == "nhwc":
@@ -329,6 +331,7 @@ def pre_tuning(mod: Any, target: Any, layout: str = "nchw") -> Any:
             [
                 transform.DecomposeOpsForInference(),
                 transform.CanonicalizeBindings(),
+                transform.LegalizeOps({"relax.concat": concat.legalize}),  # zero_pipeline's legalizes the rest
                 zero_pipeline(),
                 transform.AttachAttrLayoutFreeBuffers(),
             ]
@@ -432,10 +435,7 @@ def load_database(records_dir: Path) -> Any:
 
 def untuned_tasks(mod: Any, target: Any, database: Any) -> list:
     """The tuning tasks of ``mod`` that ``database`` holds no record for."""
-    from tvm.s_tir import meta_schedule as ms
-
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    return [task for task in tasks if not _has_record(database, task.dispatched[0])]
+    return [task for task in all_tasks(mod, target) if not _has_record(database, task.dispatched[0])]
 
 
 def _has_record(database: Any, mod: Any) -> bool:
@@ -751,9 +751,15 @@ def records_json_valid(records_dir: Path) -> bool:
 
 
 def all_tasks(mod: Any, target: Any) -> list:
+    """``mod``'s tuning tasks: its kernels, less those that come scheduled (:mod:`.concat`)."""
     from tvm.s_tir import meta_schedule as ms
 
-    return list(ms.relax_integration.extract_tasks(mod, target))
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    return [task for task in tasks if not _scheduled(task.mod)]
+
+
+def _scheduled(mod: Any) -> bool:
+    return any(func.attrs and func.attrs.get("tirx.is_scheduled", False) for func in mod.functions.values())
 
 
 def merge(source_dir: Path, records_dir: Path, time_rivals_on: TextIO | None = None) -> None:
