@@ -43,6 +43,21 @@ def model_path(name: str, cache: str) -> str:
     return str(Path(onnx.__file__).parent / "backend/test/data/light" / f"light_{name}.onnx")
 
 
+def depthwise(workload: object) -> bool:
+    """Whether a tuning task's kernel is a depthwise convolution: a convolution block whose reduction
+    over input channels (TOPI's ``rc``) covers one channel, as a grouped convolution of one channel per
+    group does."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(workload)
+    for block in (sch.get(rv) for rv in sch.get_child_blocks(sch.get_sblock("root"))):
+        if "conv2d" in block.name_hint:
+            for iv in block.iter_vars:
+                if iv.iter_type == tirx.IterVar.CommReduce and iv.var.name.endswith("rc") and int(iv.dom.extent) == 1:
+                    return True
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="NAME:BATCH, NAME efficientnet or a light_NAME model of onnx")
@@ -53,6 +68,11 @@ def main() -> None:
     parser.add_argument("--tune-time", type=float, help="minutes per model; the search stops after that")
     parser.add_argument("--layout", default="nchw", help="convolution layout: nchw (the model's) or nhwc")
     parser.add_argument("--retune", action="store_true", help="search tasks that have records too")
+    parser.add_argument(
+        "--depthwise-only",
+        action="store_true",
+        help="search only the depthwise convolutions (the search's scheduler gives them little of a budget)",
+    )
     parser.add_argument("--out", required=True, help="records folder (merged into when it exists)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "fastinfer-tune-cache"))
     args = parser.parse_args()
@@ -81,6 +101,7 @@ def main() -> None:
             total_trials=args.total,
             retune=args.retune,
             time_budget_s=budget,
+            only=depthwise if args.depthwise_only else None,
         )
 
 

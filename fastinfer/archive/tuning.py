@@ -459,6 +459,7 @@ def tune(
     time_budget_s: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     terminal: bool | None = None,
+    only: Callable[[Any], bool] | None = None,
 ) -> int:
     """Tune the tasks of ``mods`` missing from the database in ``records_dir``; keep the best of each.
 
@@ -471,6 +472,8 @@ def tune(
     stops the search once that much time (by ``clock``) has passed since the call; Ctrl-C stops it
     too. Either way, and on any exception, what was measured is merged into ``records_dir``.
     ``terminal`` forces the progress display's mode (default: whether ``stream`` is a terminal).
+    ``only`` keeps the tasks whose workload (an IRModule) it holds true for, to spend a budget on
+    some kinds of kernel (``scripts/tune_records.py --depthwise-only``).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -480,7 +483,7 @@ def tune(
     recover(records_dir, stream)
     database = load_database(records_dir)
     pick = all_tasks if retune else (lambda mod, target: untuned_tasks(mod, target, database))
-    missing = _unique([task for mod in mods for task in pick(mod, target)])
+    missing = _unique([task for mod in mods for task in pick(mod, target) if only is None or only(task.dispatched[0])])
     if not missing:
         return 0
     workers = workers or os.cpu_count() or 1
