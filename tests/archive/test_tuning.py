@@ -166,3 +166,24 @@ def test_a_handler_left_on_meta_schedules_logger_does_not_fail_the_next_run(tmp_
         create_loggers(str(tmp_path), [{"logger_name": "task", "log_dir": str(tmp_path)}])
     finally:
         logger.handlers.clear()
+
+
+def test_only_keeps_the_tasks_it_holds_true_for(tmp_path):
+    """``tune(only=...)`` spends the budget on some kernels (``tune_records.py --depthwise-only``):
+    with every task left out, nothing is searched and the records stay as they were."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    dense_model(tmp_path / "dense.onnx")
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    mod = tuning.pre_tuning(from_onnx(onnx.load(str(tmp_path / "dense.onnx")), keep_params_in_input=False), target)
+    asked = []
+
+    def none_of_them(workload):
+        asked.append(workload)
+        return False
+
+    assert tuning.tune([mod], target, tmp_path / "records", 4, stream=io.StringIO(), only=none_of_them) == 0
+    assert len(asked) == len(tuning.all_tasks(mod, target)) >= 1
+    assert all(isinstance(workload, tvm.IRModule) for workload in asked)
+    assert tuning.database_summary(tmp_path / "records") == {"workloads": 0, "records": 0}
