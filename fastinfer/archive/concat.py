@@ -4,9 +4,9 @@ In NHWC a channel concatenation (SqueezeNet's fire modules, Inception's branches
 along the innermost axis: every pixel's output is the first input's channels, then the second's.
 TOPI's ``concatenate`` computes each output element with a select over which input it comes from;
 a select on the innermost axis keeps LLVM from vectorizing the copy, and MetaSchedule's search does
-not remove it (the tuned kernel of SqueezeNet's 55x55 concat took 0.27 ms, 40% of a 1.5 MB copy's
-memory time). Written as one block per input, each copying its channels into its slice of the
-output, every copy is a plain contiguous vector loop: 0.07 ms for the same concat.
+not remove it. Written as one block per input, each copying its channels into its slice of the
+output, every copy is a plain contiguous vector loop: SqueezeNet's 55x55x128 concat took 0.27 ms
+per call in the model tuned, 0.16 ms so (0.23 against 0.07 ms alone, caches warm).
 
 The kernel comes scheduled (vectorized innermost, parallel over pixels for a multi-core target)
 and is marked so: it is not a tuning task, and needs no record. Concatenations on another axis
