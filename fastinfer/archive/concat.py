@@ -31,9 +31,8 @@ def legalize(bb: Any, call: Any) -> Any:
     if joined is None:
         return _concat(bb, call)
     fields, shapes, dtype = joined
-    out_shape = [*shapes[0][:-1], sum(shape[-1] for shape in shapes)]
     gvar = bb.add_func(innermost_concat(shapes, dtype, _num_cores()), "concatenate")
-    return relax.call_tir(gvar, fields, relax.TensorType(out_shape, dtype))
+    return relax.call_tir(gvar, fields, relax.TensorType(_joined_shape(shapes), dtype))
 
 
 def innermost_concat(shapes: list[list[int]], dtype: str, num_cores: int = 1) -> Any:
@@ -43,7 +42,7 @@ def innermost_concat(shapes: list[list[int]], dtype: str, num_cores: int = 1) ->
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script import builder as T
 
-    out_shape = [*shapes[0][:-1], sum(shape[-1] for shape in shapes)]
+    out_shape = _joined_shape(shapes)
     with IRBuilder() as ib, T.prim_func(is_private=True, s_tir=True):
         T.func_attr({"tirx.noalias": True})
         inputs = [T.arg(f"x{i}", T.buffer(shape, dtype)) for i, shape in enumerate(shapes)]
@@ -70,6 +69,10 @@ def innermost_concat(shapes: list[list[int]], dtype: str, num_cores: int = 1) ->
     # Scheduled, so no tuning task; opaque, so operator fusion leaves it whole (fusing would rebuild
     # it unscheduled, and there is nothing to fuse into a copy).
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE})
+
+
+def _joined_shape(shapes: list[list[int]]) -> list[int]:
+    return [*shapes[0][:-1], sum(shape[-1] for shape in shapes)]
 
 
 def _innermost_operands(bb: Any, call: Any) -> tuple[list, list[list[int]], str] | None:
