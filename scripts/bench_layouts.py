@@ -1,10 +1,10 @@
-"""Tuned TVM in each convolution layout against ONNX Runtime, one thread, in one run.
+"""Tuned TVM in each convolution layout against ONNX Runtime with as many threads, in one run.
 
 Each ``--records LABEL=DIR`` is a records folder tuned with ``scripts/tune_records.py --layout
 LAYOUT`` (same ``--mcpu``, ``--num-cores`` and, for a fair comparison, the same trial budget). The
 model is compiled once per layout through the project's pipeline (``tuning.pre_tuning`` with that
 layout, then ``tuning.apply_records``), checked against ONNX Runtime, and timed in turns with ONNX
-Runtime (one intra-op thread, sequential): each of ``--windows`` rounds times every runner for
+Runtime (as many intra-op threads as ``--num-cores``, sequential): each of ``--windows`` rounds times every runner for
 ``--duration-s``; the median round is reported, and the ratios come from the same rounds.
 
     TVM_NUM_THREADS=1 python scripts/bench_layouts.py efficientnet:1 \\
@@ -102,7 +102,7 @@ def main() -> None:
         path = model_path(name, args.cache_dir)
         model = onnx.load(path)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = args.num_cores  # the threads TVM runs with
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # A model exported for batch 1 (the light ones) runs in ONNX Runtime at the batch size with

@@ -508,46 +508,62 @@ def records_folder(cache_dir: str, target: dict, records_dir: str = "") -> Path:
     return Path(records_dir) if records_dir else _records_dir(cache_dir, target)
 
 
-def shipped_records(target: dict) -> Path | None:
-    """The folder of records that ship in the package for this target's CPU level, if any.
+def shipped_folders(target: dict) -> list[Path]:
+    """The folders of records that ship in the package for this target's CPU level, best suited first.
 
     They are gzipped JSON databases (``database_*.json.gz``), a tenth of their plain size, in
-    ``<level>/`` (tuned for several cores) and, optionally, ``<level>/1-core/`` (tuned for one
-    thread): a one-core target takes the latter where it exists, else the former.
+    ``<level>/`` (tuned for several cores) and ``<level>/1-core/`` (tuned for one thread). A target
+    takes the folder tuned for its core count first, then the other one for the tasks the first has
+    no record of: a schedule runs on any core count (one-thread schedules still split their outer
+    loops), and one-core NHWC records built for two cores measured 1.0-1.1x ONNX Runtime with two
+    threads where the level's own records held only NCHW ones, at 1.6-2.6x (docs/benchmarks.md).
     """
     if target.get("kind") != "llvm" or not target.get("mcpu"):
-        return None
-    folder = SHIPPED_RECORDS / target["mcpu"]
-    if _one_core(target) and (folder / "1-core" / f"{tuning.RECORDS_FILE}.gz").exists():
-        return folder / "1-core"
-    return folder if (folder / f"{tuning.RECORDS_FILE}.gz").exists() else None
+        return []
+    level = SHIPPED_RECORDS / target["mcpu"]
+    folders = [level / "1-core", level] if _one_core(target) else [level, level / "1-core"]
+    return [folder for folder in folders if (folder / f"{tuning.RECORDS_FILE}.gz").exists()]
+
+
+def shipped_records(target: dict) -> Path | None:
+    """The shipped folder best suited to ``target`` (see ``shipped_folders``), if any."""
+    return next(iter(shipped_folders(target)), None)
 
 
 def shipped_digest(target: dict) -> str:
     """A hash of the shipped records for ``target`` ("" when none), so builds notice new records."""
-    folder = shipped_records(target)
-    if folder is None:
+    folders = shipped_folders(target)
+    if not folders:
         return ""
-    return hashlib.sha256((folder / f"{tuning.RECORDS_FILE}.gz").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for folder in folders:
+        digest.update((folder / f"{tuning.RECORDS_FILE}.gz").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _seed_records(records: Path, target: dict) -> str:
-    """Merge the shipped records for ``target`` into the cache database once; returns their name or ""."""
-    shipped = shipped_records(target)
-    if shipped is None:
+    """Merge the shipped records for ``target`` into the cache database once: the best suited folder's
+    by their figures, the other's only for workloads still without a record (figures measured on
+    another core count do not compare). Returns the folders' names, or ""."""
+    folders = shipped_folders(target)
+    if not folders:
         return ""
     records.mkdir(parents=True, exist_ok=True)
     marker = records / f".seeded-{shipped_digest(target)}"
     if not marker.exists():
-        unpacked = Path(tempfile.mkdtemp(prefix=".shipped-", dir=records))
-        try:
-            for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
-                (unpacked / name).write_bytes(gzip.decompress((shipped / f"{name}.gz").read_bytes()))
-            tuning.merge(unpacked, records)
-        finally:
-            shutil.rmtree(unpacked, ignore_errors=True)
+        for index, shipped in enumerate(folders):
+            unpacked = Path(tempfile.mkdtemp(prefix=".shipped-", dir=records))
+            try:
+                for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
+                    (unpacked / name).write_bytes(gzip.decompress((shipped / f"{name}.gz").read_bytes()))
+                if index == 0:
+                    tuning.merge(unpacked, records)
+                else:
+                    tuning.fill_gaps(unpacked, records)
+            finally:
+                shutil.rmtree(unpacked, ignore_errors=True)
         marker.touch()
-    return str(target["mcpu"]) + ("/1-core" if shipped.name == "1-core" else "")
+    return "+".join(str(folder.relative_to(SHIPPED_RECORDS)) for folder in folders)
 
 
 def _tune(

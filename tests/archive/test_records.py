@@ -115,23 +115,51 @@ def test_stored_records_only_never_tunes(tmp_path, monkeypatch, capsys):
     assert "never tunes" in capsys.readouterr().err
 
 
-def test_one_core_targets_prefer_one_core_records(tmp_path, monkeypatch):
+def test_targets_take_their_core_counts_records_first_then_the_others(tmp_path, monkeypatch):
     monkeypatch.setattr(pack, "SHIPPED_RECORDS", tmp_path)
     level = tmp_path / "x86-64-v4"
     one, two, four = ({"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": n} for n in (1, 2, 4))
-    assert pack.shipped_records(one) is None
+    assert pack.shipped_records(one) is None and pack.shipped_folders(two) == [] and pack.shipped_digest(two) == ""
     for folder in (level, level / "1-core"):
         folder.mkdir(parents=True, exist_ok=True)
         for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
             (folder / f"{name}.gz").write_bytes(gzip.compress(f"{folder.name}\n".encode()))
-    assert pack.shipped_records(one) == level / "1-core"
-    assert pack.shipped_records(two) == pack.shipped_records(four) == level
+    assert pack.shipped_folders(one) == [level / "1-core", level]
+    assert pack.shipped_folders(two) == pack.shipped_folders(four) == [level, level / "1-core"]
+    assert pack.shipped_records(one) == level / "1-core" and pack.shipped_records(two) == level
     assert pack.shipped_digest(one) != pack.shipped_digest(two)
+    before = pack.shipped_digest(two)
+    (level / "1-core" / f"{tuning.RECORDS_FILE}.gz").write_bytes(gzip.compress(b"retuned\n"))
+    assert pack.shipped_digest(two) != before  # new one-core records reach several-core builds too
     shutil.rmtree(level / "1-core")
-    assert pack.shipped_records(one) == level  # no one-core records shipped: the level's
+    assert pack.shipped_folders(one) == [level]  # no one-core records shipped: the level's
 
     # the cache keeps one-core records apart; other core counts share theirs
     assert pack._records_dir("c", one) != pack._records_dir("c", two) == pack._records_dir("c", four)
+
+
+def test_records_of_another_core_count_fill_only_the_gaps(tmp_path):
+    from fastinfer.archive import remeasure
+
+    def best(folder):
+        return {
+            remeasure.workload_key(r): remeasure.mean_s(r)
+            for r in tuning.load_database(folder).get_all_tuning_records()
+        }
+
+    several, one = tmp_path / "several", tmp_path / "one"
+    shipped_copy(several)
+    one.mkdir()
+    for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
+        (one / name).write_bytes(gzip.decompress((SHIPPED / "1-core" / f"{name}.gz").read_bytes()))
+    own, other = best(several), best(one)
+    shared = own.keys() & other.keys()
+    assert shared and other.keys() - own.keys()  # the shipped folders overlap, and differ
+    tuning.fill_gaps(one, several)
+    merged = best(several)
+    assert merged.keys() == own.keys() | other.keys()
+    assert all(merged[key] == own[key] for key in own)  # a workload held keeps its record, faster rival or not
+    assert all(merged[key] == other[key] for key in other.keys() - own.keys())
 
 
 def test_tune_time_as_typed():
