@@ -515,7 +515,7 @@ def shipped_folders(target: dict) -> list[Path]:
     ``<level>/`` (tuned for several cores) and ``<level>/1-core/`` (tuned for one thread). A target
     takes the folder tuned for its core count first, then the other one for the tasks the first has
     no record of: a schedule runs on any core count (one-thread schedules still split their outer
-    loops), and one-core NHWC records built for two cores measured 1.0-1.1x ONNX Runtime with two
+    loops), and one-core NHWC records built for two cores measured 1.0-1.2x ONNX Runtime with two
     threads where the level's own records held only NCHW ones, at 1.6-2.6x (docs/benchmarks.md).
     """
     if target.get("kind") != "llvm" or not target.get("mcpu"):
