@@ -21,6 +21,11 @@ give the same bytes)::
 ``--layout nhwc`` tunes the graph with its convolutions converted to NHWC (the workloads differ
 from the default layout's: keep its records in a folder of their own).
 
+A search can start from records tuned for another core count (a schedule replays on any): the
+all-core NHWC records of ``x86-64-v4`` were searched from the one-core ones, copied into DIR first,
+with ``--num-cores 2 --layout nhwc --retune``; only the records that changed ship in ``<level>/``,
+as builds take the other folder's records for the tasks their own lack.
+
 A run interrupted (Ctrl-C, or killed) keeps what it measured: run it again to go on.
 """
 
