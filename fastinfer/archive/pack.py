@@ -551,15 +551,13 @@ def _seed_records(records: Path, target: dict) -> str:
     records.mkdir(parents=True, exist_ok=True)
     marker = records / f".seeded-{shipped_digest(target)}"
     if not marker.exists():
-        for index, shipped in enumerate(folders):
+        for shipped in folders:
             unpacked = Path(tempfile.mkdtemp(prefix=".shipped-", dir=records))
             try:
                 for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
                     (unpacked / name).write_bytes(gzip.decompress((shipped / f"{name}.gz").read_bytes()))
-                if index == 0:
-                    tuning.merge(unpacked, records)
-                else:
-                    tuning.fill_gaps(unpacked, records)
+                add = tuning.merge if shipped == folders[0] else tuning.fill_gaps
+                add(unpacked, records)
             finally:
                 shutil.rmtree(unpacked, ignore_errors=True)
         marker.touch()

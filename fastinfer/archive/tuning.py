@@ -792,15 +792,15 @@ def merge(source_dir: Path, records_dir: Path, time_rivals_on: TextIO | None = N
 def fill_gaps(source_dir: Path, records_dir: Path) -> None:
     """Add to the database in ``records_dir`` the records in ``source_dir`` of workloads it has no
     record of; where both hold one, ``records_dir``'s stays, whatever the figures say."""
-    from fastinfer.archive.remeasure import mean_s, workload_key
+    from tvm.s_tir import meta_schedule as ms
+
+    from fastinfer.archive.remeasure import workload_key
 
     with _records_locked(records_dir):
-        held: dict = {}
-        for record in load_database(records_dir).get_all_tuning_records():
-            key = workload_key(record)
-            if key not in held or mean_s(record) < mean_s(held[key]):
-                held[key] = record
-        _merge_into(records_dir, [records_dir, source_dir], settled=held)
+        held = ms.database.MemoryDatabase()
+        load_database(records_dir).dump_pruned(held)  # the best record of each workload
+        settled = {workload_key(record): record for record in held.get_all_tuning_records()}
+        _merge_into(records_dir, [records_dir, source_dir], settled)
 
 
 def _merge_into(records_dir: Path, sources: list[Path], settled: dict | None = None) -> None:
