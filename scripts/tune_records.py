@@ -48,19 +48,31 @@ def model_path(name: str, cache: str) -> str:
     return str(Path(onnx.__file__).parent / "backend/test/data/light" / f"light_{name}.onnx")
 
 
-def depthwise(workload: object) -> bool:
-    """Whether a tuning task's kernel is a depthwise convolution: a convolution block whose reduction
-    over input channels (TOPI's ``rc``) covers one channel, as a grouped convolution of one channel per
-    group does."""
+def _conv_reductions(workload: object) -> list[dict[str, int]]:
+    """The reduction extents of each convolution block of a tuning task's kernel, by TOPI's names
+    (``rc`` input channels of a group, ``ry`` and ``rx`` the kernel's rows and columns)."""
     from tvm import s_tir, tirx
 
     sch = s_tir.Schedule(workload)
-    for block in (sch.get(rv) for rv in sch.get_child_blocks(sch.get_sblock("root"))):
-        if "conv2d" in block.name_hint:
-            for iv in block.iter_vars:
-                if iv.iter_type == tirx.IterVar.CommReduce and iv.var.name.endswith("rc") and int(iv.dom.extent) == 1:
-                    return True
-    return False
+    blocks = (sch.get(rv) for rv in sch.get_child_blocks(sch.get_sblock("root")))
+    reduce = tirx.IterVar.CommReduce
+    return [
+        {iv.var.name.removeprefix("v_"): int(iv.dom.extent) for iv in block.iter_vars if iv.iter_type == reduce}
+        for block in blocks
+        if "conv2d" in block.name_hint
+    ]
+
+
+def depthwise(workload: object) -> bool:
+    """Whether a tuning task's kernel is a depthwise convolution: its reduction over input channels
+    covers one channel, as a grouped convolution of one channel per group does."""
+    return any(r.get("rc") == 1 for r in _conv_reductions(workload))
+
+
+def pointwise(workload: object) -> bool:
+    """Whether a tuning task's kernel is a pointwise (1x1) convolution over several channels: the
+    matrix products that take most of a mobile network's time."""
+    return any(r.get("ry") == r.get("rx") == 1 and r.get("rc", 1) > 1 for r in _conv_reductions(workload))
 
 
 def main() -> None:
@@ -73,11 +85,13 @@ def main() -> None:
     parser.add_argument("--tune-time", type=float, help="minutes per model; the search stops after that")
     parser.add_argument("--layout", default="nchw", help="convolution layout: nchw (the model's) or nhwc")
     parser.add_argument("--retune", action="store_true", help="search tasks that have records too")
-    parser.add_argument(
+    kinds = parser.add_mutually_exclusive_group()
+    kinds.add_argument(
         "--depthwise-only",
         action="store_true",
         help="search only the depthwise convolutions (the search's scheduler gives them little of a budget)",
     )
+    kinds.add_argument("--pointwise-only", action="store_true", help="search only the 1x1 convolutions")
     parser.add_argument("--out", required=True, help="records folder (merged into when it exists)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "fastinfer-tune-cache"))
     args = parser.parse_args()
@@ -106,7 +120,7 @@ def main() -> None:
             total_trials=args.total,
             retune=args.retune,
             time_budget_s=budget,
-            only=depthwise if args.depthwise_only else None,
+            only=depthwise if args.depthwise_only else pointwise if args.pointwise_only else None,
         )
 
 
