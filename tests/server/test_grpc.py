@@ -23,7 +23,7 @@ from fastinfer.server.fronts.kserve.grpc_service import peer_host
 from fastinfer.server.fronts.kserve.sysshm import is_local
 
 MODELS = ("echo=echo:float32:16", "ints=echo:int32:4", "slow=echo:float32:4:0.5")
-SETTINGS = {"shm_slot_bytes": 1 << 16, "shm_slots_per_worker": 8, "max_body_bytes": 1 << 16, "batch_max_size": 4}
+SETTINGS = {"shm_slot_bytes": 1 << 16, "shm_slots_per_worker": 32, "max_body_bytes": 1 << 16, "batch_max_size": 4}
 
 
 @pytest.fixture
@@ -253,3 +253,30 @@ def test_no_pb2_module_in_the_default_pool():
     assert len(proto.methods()) == 9
     assert proto.message("ModelInferRequest").DESCRIPTOR.file.pool is not service_pb2.DESCRIPTOR.pool
     assert os.path.basename(Path(proto.__file__).parent) == "proto"
+
+
+async def test_an_aborted_call_keeps_no_frame_of_the_request():
+    """gRPC keeps the exception ``context.abort`` raises for as long as the call lives. Raised while
+    the request's error was being handled, it chained that error's traceback: the request's frames,
+    their views of the slot memory with them, so the memory stayed mapped after the server stopped."""
+    from fastinfer.config import Config
+    from fastinfer.errors import DeadlineExceeded
+    from fastinfer.server.fronts.kserve.grpc_service import GrpcFront
+
+    class Context:
+        raised: BaseException | None = None
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            self.code, self.details = code, details
+            self.raised = grpc.aio.AbortError()
+            raise self.raised
+
+    async def failing(request, response, context):
+        raise DeadlineExceeded("too late")
+
+    context = Context()
+    handle = GrpcFront(None, Config())._handler("ModelInfer", failing, object)  # type: ignore[arg-type]
+    with pytest.raises(grpc.aio.AbortError):
+        await handle(object(), context)
+    assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED and context.details == "too late"
+    assert context.raised is not None and context.raised.__context__ is None and context.raised.__cause__ is None

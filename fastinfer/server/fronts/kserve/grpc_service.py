@@ -261,7 +261,11 @@ class GrpcFront:
                     raise Unauthorized("this port needs metadata authorization: Bearer <token>, and that one is not it")
                 return await method(request, response_class(), context)
             except FastInferError as error:
-                await context.abort(grpc.StatusCode[error.grpc_code], error.message)
+                status, message = grpc.StatusCode[error.grpc_code], error.message
+            # Aborted outside the except block: gRPC keeps the exception abort() raises for as long as
+            # the call lives, and raised in there it would chain the error's traceback, so the
+            # request's frames and their views of the slot memory, which would then stay mapped.
+            await context.abort(status, message)
 
         return handle
 

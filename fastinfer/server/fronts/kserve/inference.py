@@ -124,17 +124,21 @@ async def _infer(
     try:
         for _ in range(samples):
             rows.append(batcher.reserve(signature.name, timeout_s))
-        copies: list[Callable[[], None]] = []
-        for k, spec in enumerate(signature.inputs):
-            views = [row.input_view(k) for row in rows]
-            if spec.name in sources:
-                source = sources[spec.name]
-                copies.append(_reader(source, views, f'input "{spec.name}"'))
-            else:
-                raw = by_name[spec.name].raw_bytes()
-                for i, view in enumerate(views):
-                    view[:] = raw[i * spec.nbytes : (i + 1) * spec.nbytes]
-        await _run(copies, sum(spec.nbytes for spec in signature.inputs if spec.name in sources) * samples)
+        input_rows = [[row.input_view(k) for row in rows] for k in range(len(signature.inputs))]
+        try:
+            copies: list[Callable[[], None]] = []
+            for spec, views in zip(signature.inputs, input_rows, strict=True):
+                if spec.name in sources:
+                    copies.append(_reader(sources[spec.name], views, f'input "{spec.name}"'))
+                else:
+                    raw = by_name[spec.name].raw_bytes()
+                    for i, view in enumerate(views):
+                        view[:] = raw[i * spec.nbytes : (i + 1) * spec.nbytes]
+            await _run(copies, sum(spec.nbytes for spec in signature.inputs if spec.name in sources) * samples)
+        finally:  # as every front does: a frame kept alive later (by a traceback) must not keep the slot memory mapped
+            for views in input_rows:
+                for view in views:
+                    view.release()
         sample_bytes = sum(spec.nbytes for spec in signature.inputs)
         for row in rows:
             row.filled(sample_bytes)
