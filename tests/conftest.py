@@ -37,19 +37,20 @@ def photos() -> Path:
 @contextlib.asynccontextmanager
 async def running_server(tmp_path: Path, **settings) -> AsyncIterator:
     """A server in this process on free ports, its workers real processes; once stopped, it must
-    have left no shared memory behind."""
+    have left no shared memory behind (what an earlier test left is that test's failure, not this one's)."""
     from fastinfer.config import Config
     from fastinfer.server.main import Server
 
     defaults = {"http_port": 0, "management_port": 0, "binary_port": 0, "grpc_port": 0, "worker_start_timeout_s": 60}
     server = Server(Config(**{**defaults, "cache_dir": str(tmp_path), **settings}))
+    before = fastinfer_segments()
     await server.start()
     try:
         await server.wait_ready(60)
         yield server
     finally:
         await server.stop()
-    assert not fastinfer_segments(), "shared memory left behind"
+    assert fastinfer_segments() <= before, "shared memory left behind"
 
 
 def fastinfer_segments(pid: int | None = None) -> set[str]:
