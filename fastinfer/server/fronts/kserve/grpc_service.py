@@ -262,9 +262,9 @@ class GrpcFront:
                 return await method(request, response_class(), context)
             except FastInferError as error:
                 status, message = grpc.StatusCode[error.grpc_code], error.message
-            # Aborted outside the except block: gRPC keeps the exception abort() raises for as long as
-            # the call lives, and raised in there it would chain the error's traceback, so the
-            # request's frames and their views of the slot memory, which would then stay mapped.
+            # Outside the except block: gRPC keeps the exception abort() raises for as long as the
+            # call lives, and raised in there it would chain the error, whose traceback holds the
+            # request's frames (with any view of the slot memory they hold, which then stays mapped).
             await context.abort(status, message)
 
         return handle
