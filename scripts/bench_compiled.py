@@ -94,9 +94,11 @@ def tvm_runtime(archive: Path, cache_dir: str):
 def ort_session(source: Path, batch: int, threads: int):
     import onnxruntime as ort
 
-    from fastinfer.archive.graph import with_batch
+    from fastinfer.archive.graph import open_batch, with_batch
 
-    model = with_batch(onnx.load(str(source)), batch)
+    model = onnx.load(str(source))
+    if batch != 1:  # as archives build it: the Reshapes that keep the batch (ResNet-50's) opened
+        model = with_batch(open_batch(model), batch)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
