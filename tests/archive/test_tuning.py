@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -187,3 +188,47 @@ def test_only_keeps_the_tasks_it_holds_true_for(tmp_path):
     assert len(asked) == len(tuning.all_tasks(mod, target)) >= 1
     assert all(isinstance(workload, tvm.IRModule) for workload in asked)
     assert tuning.database_summary(tmp_path / "records") == {"workloads": 0, "records": 0}
+
+
+def test_tune_records_tells_depthwise_and_pointwise_convolutions_apart(tmp_path):
+    """``scripts/tune_records.py --depthwise-only`` and ``--pointwise-only`` pick tasks by their
+    kernels: each of a 3x3, a depthwise 3x3 and a 1x1 convolution goes to the right kind, in NHWC
+    as the shipped records are tuned."""
+    import importlib.util
+
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "tune_records.py"
+    spec = importlib.util.spec_from_file_location("tune_records", script)
+    assert spec is not None and spec.loader is not None
+    tune_records = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_records)
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "full": rng.standard_normal((8, 8, 3, 3)),
+        "depthwise": rng.standard_normal((8, 1, 3, 3)),
+        "pointwise": rng.standard_normal((16, 8, 1, 1)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "full"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Conv", ["b", "depthwise"], ["c"], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Relu", ["c"], ["d"]),
+        helper.make_node("Conv", ["d", "pointwise"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 10, 10])],
+        initializer=[numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
+    mod = tuning.pre_tuning(from_onnx(model, keep_params_in_input=False), target, "nhwc")
+    workloads = [task.dispatched[0] for task in tuning.all_tasks(mod, target)]
+    convolutions = [w for w in workloads if tune_records._conv_reductions(w)]
+    kinds = sorted((tune_records.depthwise(w), tune_records.pointwise(w)) for w in convolutions)
+    assert kinds == [(False, False), (False, True), (True, False)]  # the 3x3, the 1x1, the depthwise
