@@ -94,11 +94,9 @@ def tvm_runtime(archive: Path, cache_dir: str):
 def ort_session(source: Path, batch: int, threads: int):
     import onnxruntime as ort
 
-    from fastinfer.archive.graph import open_batch, with_batch
+    from fastinfer.archive.graph import at_batch
 
-    model = onnx.load(str(source))
-    if batch != 1:  # as archives build it: the Reshapes that keep the batch (ResNet-50's) opened
-        model = with_batch(open_batch(model), batch)
+    model = at_batch(onnx.load(str(source)), batch)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -87,7 +87,7 @@ def main() -> None:
     import onnxruntime as ort
     import tvm
 
-    from fastinfer.archive.graph import open_batch, with_batch
+    from fastinfer.archive.graph import at_batch
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores})
     layouts = dict(spec.split("=", 1) for spec in args.records)
@@ -105,9 +105,7 @@ def main() -> None:
         options.intra_op_num_threads = args.num_cores  # the threads TVM runs with
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # A model exported for batch 1 (the light ones) runs in ONNX Runtime at the batch size with
-        # its batch axis opened, as TVM compiles it.
-        graph = model if batch == 1 else with_batch(open_batch(model), batch)
+        graph = at_batch(model, batch)
         session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
         feed = session.get_inputs()[0]
         shape = [batch, *[d if isinstance(d, int) else 1 for d in feed.shape[1:]]]

@@ -154,9 +154,9 @@ def profile_ort(source: Path, x: np.ndarray, runs: int, threads: int, folder: Pa
     import onnx
     import onnxruntime as ort
 
-    from fastinfer.archive.graph import with_batch
+    from fastinfer.archive.graph import at_batch
 
-    model = with_batch(onnx.load(str(source)), x.shape[0]).SerializeToString()
+    model = at_batch(onnx.load(str(source)), x.shape[0]).SerializeToString()
 
     def session(profiling: bool):
         options = ort.SessionOptions()

@@ -48,7 +48,7 @@ def model_path(name: str, cache: str) -> str:
     return str(Path(onnx.__file__).parent / "backend/test/data/light" / f"light_{name}.onnx")
 
 
-def _conv_reductions(workload: object) -> list[dict[str, int]]:
+def conv_reductions(workload: object) -> list[dict[str, int]]:
     """The reduction extents of each convolution block of a tuning task's kernel, by TOPI's names
     (``rc`` input channels of a group, ``ry`` and ``rx`` the kernel's rows and columns)."""
     from tvm import s_tir, tirx
@@ -66,13 +66,13 @@ def _conv_reductions(workload: object) -> list[dict[str, int]]:
 def depthwise(workload: object) -> bool:
     """Whether a tuning task's kernel is a depthwise convolution: its reduction over input channels
     covers one channel, as a grouped convolution of one channel per group does."""
-    return any(r.get("rc") == 1 for r in _conv_reductions(workload))
+    return any(r.get("rc") == 1 for r in conv_reductions(workload))
 
 
 def pointwise(workload: object) -> bool:
     """Whether a tuning task's kernel is a pointwise (1x1) convolution over several channels: the
     matrix products that take most of a mobile network's time."""
-    return any(r.get("ry") == r.get("rx") == 1 and r.get("rc", 1) > 1 for r in _conv_reductions(workload))
+    return any(r.get("ry") == r.get("rx") == 1 and r.get("rc", 1) > 1 for r in conv_reductions(workload))
 
 
 def main() -> None:

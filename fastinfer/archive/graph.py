@@ -141,6 +141,13 @@ def _names(graph: Any) -> set[str]:
     return names
 
 
+def at_batch(model: Any, batch: int) -> Any:
+    """``model`` to run outside TVM (ONNX Runtime) at ``batch``, as archives compile it: above 1, with
+    its batch axis and batch-keeping Reshapes opened (a ResNet-50 exported for batch 1 reshapes to
+    ``[1, 2048]``)."""
+    return model if batch == 1 else with_batch(open_batch(model), batch)
+
+
 def open_batch(model: Any) -> Any:
     """A copy of ``model`` (exported for batch 1) with a symbolic batch axis and its batch-keeping
     Reshapes opened; raises ArchiveError when an output's leading axis stays fixed."""

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fastinfer.archive.graph import for_tvm, graph_inputs, safe_input_names, sums_as_adds, with_batch
+from fastinfer.archive.graph import at_batch, for_tvm, graph_inputs, safe_input_names, sums_as_adds, with_batch
 from fastinfer.archive.manifest import ArchiveError
 
 
@@ -97,6 +97,16 @@ def test_batch_one_alone_leaves_the_reshape_as_exported():
     graph = for_tvm(hard_coded([1, 24]), [1])
     assert reshapes(graph) == [[1, 24]]
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_at_batch_runs_a_batch_one_export_at_any_batch_outside_tvm():
+    """What the benchmarks give ONNX Runtime: the export as it is at batch 1, opened above it."""
+    model = hard_coded([1, 24])
+    assert at_batch(model, 1) is model
+    x = np.random.default_rng(2).random((3, 2, 3, 4), dtype=np.float32)
+    (together,) = run(at_batch(model, 3), {"in/x": x})
+    (alone,) = run(model, {"in/x": x[2:3]})
+    np.testing.assert_allclose(together[2:3], alone, rtol=1e-6)
 
 
 def test_reshape_that_folds_the_batch_is_refused():

@@ -229,6 +229,6 @@ def test_tune_records_tells_depthwise_and_pointwise_convolutions_apart(tmp_path)
     target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
     mod = tuning.pre_tuning(from_onnx(model, keep_params_in_input=False), target, "nhwc")
     workloads = [task.dispatched[0] for task in tuning.all_tasks(mod, target)]
-    convolutions = [w for w in workloads if tune_records._conv_reductions(w)]
+    convolutions = [w for w in workloads if tune_records.conv_reductions(w)]
     kinds = sorted((tune_records.depthwise(w), tune_records.pointwise(w)) for w in convolutions)
     assert kinds == [(False, False), (False, True), (True, False)]  # the 3x3, the 1x1, the depthwise
