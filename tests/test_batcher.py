@@ -250,6 +250,27 @@ async def test_a_dead_worker_fails_its_batch(pool):
     assert pool.free_count == pool.slot_count
 
 
+async def test_the_rows_of_a_failed_batch_each_raise_an_error_of_their_own(pool):
+    worker, clock = FakeWorker(), Clock()
+    batcher = make(pool, [worker], clock)
+    rows = [batcher.reserve("echo", 10) for _ in range(2)]
+    for row in rows:
+        put(row, 1.0)
+    await asyncio.sleep(0)
+    assert worker.sent[0][0]["rows"] == 2  # filled in one loop iteration: one batch
+    worker.fail(0, WorkerDied("gone"))
+    raised = []
+    for row in rows:
+        with pytest.raises(WorkerDied, match="gone") as caught:
+            await row.result()
+        raised.append(caught.value)
+        row.release()
+    first, second = raised
+    assert first is not second  # a shared one would carry both requests' frames in its traceback
+    assert (first.code, first.status) == (second.code, second.status) == ("worker_died", 502)
+    assert pool.free_count == pool.slot_count
+
+
 async def test_the_deadline_ends_the_wait(pool):
     worker, clock = FakeWorker(), Clock()
     worker.state = WorkerState.STARTING  # no worker takes anything

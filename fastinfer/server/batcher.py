@@ -36,6 +36,7 @@ Rules (after Triton's dynamic batcher, with one addition for latency):
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import itertools
 import math
@@ -274,7 +275,9 @@ class Batch:
             if row.outcome is not None or row.state is RowState.VOID:
                 continue
             if batch_error is not None:
-                outcomes.append((row, batch_error))
+                # Each row its own copy: one error raised by several requests would gather all
+                # their frames in its one traceback, alive as long as any of them holds it.
+                outcomes.append((row, copy.copy(batch_error)))
                 continue
             assert reply is not None
             row_error = reply["errors"][row.index] if reply.get("errors") else None
