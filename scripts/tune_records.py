@@ -48,33 +48,6 @@ def model_path(name: str, cache: str) -> str:
     return str(Path(onnx.__file__).parent / "backend/test/data/light" / f"light_{name}.onnx")
 
 
-def conv_reductions(workload: object) -> list[dict[str, int]]:
-    """The reduction extents of each convolution block of a tuning task's kernel, by TOPI's names
-    (``rc`` input channels of a group, ``ry`` and ``rx`` the kernel's rows and columns)."""
-    from tvm import s_tir, tirx
-
-    sch = s_tir.Schedule(workload)
-    blocks = (sch.get(rv) for rv in sch.get_child_blocks(sch.get_sblock("root")))
-    reduce = tirx.IterVar.CommReduce
-    return [
-        {iv.var.name.removeprefix("v_"): int(iv.dom.extent) for iv in block.iter_vars if iv.iter_type == reduce}
-        for block in blocks
-        if "conv2d" in block.name_hint
-    ]
-
-
-def depthwise(workload: object) -> bool:
-    """Whether a tuning task's kernel is a depthwise convolution: its reduction over input channels
-    covers one channel, as a grouped convolution of one channel per group does."""
-    return any(r.get("rc") == 1 for r in conv_reductions(workload))
-
-
-def pointwise(workload: object) -> bool:
-    """Whether a tuning task's kernel is a pointwise (1x1) convolution over several channels: the
-    matrix products that take most of a mobile network's time."""
-    return any(r.get("ry") == r.get("rx") == 1 and r.get("rc", 1) > 1 for r in conv_reductions(workload))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="NAME:BATCH, NAME efficientnet or a light_NAME model of onnx")
@@ -120,7 +93,7 @@ def main() -> None:
             total_trials=args.total,
             retune=args.retune,
             time_budget_s=budget,
-            only=depthwise if args.depthwise_only else pointwise if args.pointwise_only else None,
+            only=tuning.depthwise if args.depthwise_only else tuning.pointwise if args.pointwise_only else None,
         )
 
 

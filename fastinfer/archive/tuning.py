@@ -473,7 +473,7 @@ def tune(
     too. Either way, and on any exception, what was measured is merged into ``records_dir``.
     ``terminal`` forces the progress display's mode (default: whether ``stream`` is a terminal).
     ``only`` keeps the tasks whose workload (an IRModule) it holds true for, to spend a budget on
-    some kinds of kernel (``scripts/tune_records.py --depthwise-only``).
+    some kinds of kernel (:func:`depthwise`, :func:`pointwise`; ``scripts/tune_records.py --depthwise-only``).
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -759,6 +759,33 @@ def all_tasks(mod: Any, target: Any) -> list:
 
     tasks = ms.relax_integration.extract_tasks(mod, target)
     return [task for task in tasks if not _scheduled(task.mod)]
+
+
+def conv_reductions(workload: Any) -> list[dict[str, int]]:
+    """The reduction extents of each convolution block of a tuning task's kernel, by TOPI's names
+    (``rc`` input channels of a group, ``ry`` and ``rx`` the kernel's rows and columns)."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(workload)
+    blocks = (sch.get(rv) for rv in sch.get_child_blocks(sch.get_sblock("root")))
+    reduce = tirx.IterVar.CommReduce
+    return [
+        {iv.var.name.removeprefix("v_"): int(iv.dom.extent) for iv in block.iter_vars if iv.iter_type == reduce}
+        for block in blocks
+        if "conv2d" in block.name_hint
+    ]
+
+
+def depthwise(workload: Any) -> bool:
+    """Whether a tuning task's kernel is a depthwise convolution: its reduction over input channels
+    covers one channel, as a grouped convolution of one channel per group does."""
+    return any(r.get("rc") == 1 for r in conv_reductions(workload))
+
+
+def pointwise(workload: Any) -> bool:
+    """Whether a tuning task's kernel is a pointwise (1x1) convolution over several channels: the
+    matrix products that take most of a mobile network's time."""
+    return any(r.get("ry") == r.get("rx") == 1 and r.get("rc", 1) > 1 for r in conv_reductions(workload))
 
 
 def _scheduled(mod: Any) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import io
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -194,16 +193,8 @@ def test_tune_records_tells_depthwise_and_pointwise_convolutions_apart(tmp_path)
     """``scripts/tune_records.py --depthwise-only`` and ``--pointwise-only`` pick tasks by their
     kernels: each of a 3x3, a depthwise 3x3 and a 1x1 convolution goes to the right kind, in NHWC
     as the shipped records are tuned."""
-    import importlib.util
-
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
-
-    script = Path(__file__).resolve().parents[2] / "scripts" / "tune_records.py"
-    spec = importlib.util.spec_from_file_location("tune_records", script)
-    assert spec is not None and spec.loader is not None
-    tune_records = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune_records)
 
     rng = np.random.default_rng(0)
     weights = {
@@ -229,6 +220,6 @@ def test_tune_records_tells_depthwise_and_pointwise_convolutions_apart(tmp_path)
     target = tvm.target.Target({"kind": "llvm", "num-cores": 1})
     mod = tuning.pre_tuning(from_onnx(model, keep_params_in_input=False), target, "nhwc")
     workloads = [task.dispatched[0] for task in tuning.all_tasks(mod, target)]
-    convolutions = [w for w in workloads if tune_records.conv_reductions(w)]
-    kinds = sorted((tune_records.depthwise(w), tune_records.pointwise(w)) for w in convolutions)
+    convolutions = [w for w in workloads if tuning.conv_reductions(w)]
+    kinds = sorted((tuning.depthwise(w), tuning.pointwise(w)) for w in convolutions)
     assert kinds == [(False, False), (False, True), (True, False)]  # the 3x3, the 1x1, the depthwise
