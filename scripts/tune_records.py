@@ -10,21 +10,22 @@ into a folder of their own, and ship in ``<level>/1-core/``, which one-core targ
 
     nice -n 19 python scripts/tune_records.py --mcpu x86-64-v4 --num-cores 1 --trials 64 --out DIR1 ...
 
-To ship a folder, gzip its two files into place (``-n``: no name or time stamp, so the same records
-give the same bytes)::
+To search the shipped records again and ship what the search finds, seed a folder with what a
+build for that core count reads, search it with ``--retune``, time it beside the shipped records
+(``scripts/bench_layouts.py --records``), then put what changed into the package::
 
-    mkdir -p fastinfer/models/tuning/x86-64-v4/1-core
-    for f in database_workload.json database_tuning_record.json; do
-        gzip -9 -n -c DIR1/$f > fastinfer/models/tuning/x86-64-v4/1-core/$f.gz
-    done
+    python scripts/ship_records.py --seed DIR1 --mcpu x86-64-v4 --num-cores 1
+    nice -n 19 python scripts/tune_records.py --mcpu x86-64-v4 --num-cores 1 --layout nhwc --retune \\
+        --trials 48 --total 300 --out DIR1 squeezenet:1
+    python scripts/ship_records.py --mcpu x86-64-v4 --num-cores 1 DIR1
 
 ``--layout nhwc`` tunes the graph with its convolutions converted to NHWC (the workloads differ
 from the default layout's: keep its records in a folder of their own).
 
-A search can start from records tuned for another core count (a schedule replays on any): the
-all-core NHWC records of ``x86-64-v4`` were searched from the one-core ones, copied into DIR first,
-with ``--num-cores 2 --layout nhwc --retune``; only the records that changed ship in ``<level>/``,
-as builds take the other folder's records for the tasks their own lack.
+A search can start from records tuned for another core count (a schedule replays on any): a build
+for several cores reads the one-core records for the tasks its own folder lacks, so the all-core
+NHWC records of ``x86-64-v4`` were searched from the one-core ones (``--seed DIR --num-cores 2``,
+then ``--num-cores 2 --layout nhwc --retune``); only the records that changed ship in ``<level>/``.
 
 A run interrupted (Ctrl-C, or killed) keeps what it measured: run it again to go on.
 """

@@ -12,7 +12,6 @@ batch-1 export opened to any batch); the reference runs the model as exported.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -30,8 +29,8 @@ from typing import Any, TextIO
 import numpy as np
 
 import fastinfer
+from fastinfer.archive import shipped, tuning
 from fastinfer.archive import target as targets
-from fastinfer.archive import tuning
 from fastinfer.archive.graph import BATCH, for_tvm, graph_inputs, with_batch
 from fastinfer.archive.manifest import MANIFEST_NAME, ArchiveError, FileEntry, Manifest, Tuning
 from fastinfer.preprocess import ImagePreprocess
@@ -41,7 +40,6 @@ from fastinfer.signature import TensorSpec
 IMAGENET = ImagePreprocess(
     resize_shorter=256, crop=224, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), layout="NCHW"
 )
-SHIPPED_RECORDS = Path(__file__).resolve().parent.parent / "models" / "tuning"
 TOLERANCE = 1e-3  # largest error allowed, relative to the largest reference output
 
 
@@ -184,7 +182,7 @@ def tune_onnx(onnx_path: str | Path, options: TuneOptions) -> tuple[Path, int]:
     records = records_folder(options.cache_dir, target, options.records_dir)
     tuning.recover(records, stream)
     if not options.records_dir:
-        _seed_records(records, target)  # what ships is not searched again
+        shipped.seed_cache(records, target)  # what ships is not searched again
     tvm_target = tvm.target.Target(target)
     mods = []
     for size in sizes:
@@ -323,7 +321,7 @@ def _compile(
     seeded = ""
     if tuned:
         tuning.recover(records, stream)  # records a killed tuning run left behind
-        seeded = "" if options.records_dir else _seed_records(records, target)
+        seeded = "" if options.records_dir else shipped.seed_cache(records, target)
     mods = {}
     for size in sizes:
         label = f"{options.name} batch {size or 'N'}"
@@ -482,23 +480,19 @@ def _modules(module: Any) -> Iterator[Any]:
         yield from _modules(imported)
 
 
-def _one_core(target: dict) -> bool:
-    return target.get("num-cores") == 1
-
-
 def _records_key(target: dict) -> str:
     # Records replay on any core count, but the best schedule for one thread (a worker of
     # ``--devices cpu:N``) is not the best for several: one-core records are kept apart. Other
     # core counts share one folder (their key is what it was before one-core folders existed).
     key = {k: v for k, v in target.items() if k != "num-cores"}
-    if _one_core(target):
+    if shipped.one_core(target):
         key["num-cores"] = 1
     return hashlib.sha256(json.dumps([key, _tvm_version()], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _records_dir(cache_dir: str, target: dict) -> Path:
     base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "fastinfer-tuning"
-    cores = "-1-core" if _one_core(target) else ""
+    cores = "-1-core" if shipped.one_core(target) else ""
     return base / "tuning" / f"{target.get('mcpu', target['kind'])}{cores}-{_records_key(target)}"
 
 
@@ -506,62 +500,6 @@ def records_folder(cache_dir: str, target: dict, records_dir: str = "") -> Path:
     """Where the records for ``target`` are read and written: ``records_dir`` when given, else the
     cache's folder for the target (the one ``fastinfer archive`` and ``fastinfer tune`` share)."""
     return Path(records_dir) if records_dir else _records_dir(cache_dir, target)
-
-
-def shipped_folders(target: dict) -> list[Path]:
-    """The folders of records that ship in the package for this target's CPU level, best suited first.
-
-    They are gzipped JSON databases (``database_*.json.gz``), a tenth of their plain size, in
-    ``<level>/`` (tuned for several cores) and ``<level>/1-core/`` (tuned for one thread). A target
-    takes the folder tuned for its core count first, then the other one for the tasks the first has
-    no record of: a schedule runs on any core count (one-thread schedules still split their outer
-    loops), and one-core NHWC records built for two cores measured 1.0-1.2x ONNX Runtime with two
-    threads where the level's own records held only NCHW ones, at 1.6-2.6x (docs/benchmarks.md).
-    """
-    if target.get("kind") != "llvm" or not target.get("mcpu"):
-        return []
-    level = SHIPPED_RECORDS / target["mcpu"]
-    folders = [level / "1-core", level] if _one_core(target) else [level, level / "1-core"]
-    return [folder for folder in folders if (folder / f"{tuning.RECORDS_FILE}.gz").exists()]
-
-
-def shipped_records(target: dict) -> Path | None:
-    """The shipped folder best suited to ``target`` (see ``shipped_folders``), if any."""
-    return next(iter(shipped_folders(target)), None)
-
-
-def shipped_digest(target: dict) -> str:
-    """A hash of the shipped records for ``target`` ("" when none), so builds notice new records."""
-    folders = shipped_folders(target)
-    if not folders:
-        return ""
-    digest = hashlib.sha256()
-    for folder in folders:
-        digest.update((folder / f"{tuning.RECORDS_FILE}.gz").read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _seed_records(records: Path, target: dict) -> str:
-    """Merge the shipped records for ``target`` into the cache database once: the best suited folder's
-    by their figures, the other's only for workloads still without a record (figures measured on
-    another core count do not compare). Returns the folders' names, or ""."""
-    folders = shipped_folders(target)
-    if not folders:
-        return ""
-    records.mkdir(parents=True, exist_ok=True)
-    marker = records / f".seeded-{shipped_digest(target)}"
-    if not marker.exists():
-        for shipped in folders:
-            unpacked = Path(tempfile.mkdtemp(prefix=".shipped-", dir=records))
-            try:
-                for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
-                    (unpacked / name).write_bytes(gzip.decompress((shipped / f"{name}.gz").read_bytes()))
-                add = tuning.merge if shipped == folders[0] else tuning.fill_gaps
-                add(unpacked, records)
-            finally:
-                shutil.rmtree(unpacked, ignore_errors=True)
-        marker.touch()
-    return "+".join(str(folder.relative_to(SHIPPED_RECORDS)) for folder in folders)
 
 
 def _tune(

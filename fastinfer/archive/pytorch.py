@@ -38,7 +38,7 @@ from typing import Any, TextIO
 import numpy as np
 
 import fastinfer
-from fastinfer.archive import pack, tuning
+from fastinfer.archive import pack, shipped, tuning
 from fastinfer.archive import target as targets
 from fastinfer.archive.manifest import ArchiveError, Manifest, Tuning
 from fastinfer.archive.pack import BuildOptions
@@ -413,7 +413,7 @@ def _compile(
         return libraries, None, {}, dict.fromkeys(mods, "nchw")
     records = pack.records_folder(options.cache_dir, target, options.records_dir)
     tuning.recover(records, stream)  # records a killed tuning run left behind
-    seeded = "" if options.records_dir else pack._seed_records(records, target)
+    seeded = "" if options.records_dir else shipped.seed_cache(records, target)
     prepared, tasks_total, tuned_now, layouts = pack._tune(mods, target, records, options, stream)
     for size, sized in prepared.items():
         path = f"lib/model-b{size}.so"

@@ -830,6 +830,38 @@ def fill_gaps(source_dir: Path, records_dir: Path) -> None:
         _merge_into(records_dir, [records_dir, source_dir], settled)
 
 
+def overlay_found(records_dir: Path, seed_dir: Path, searched: list[Path]) -> int:
+    """Put into ``records_dir`` what searches seeded with ``seed_dir``'s records found: the best record
+    of each workload in ``searched`` whose schedule differs from ``seed_dir``'s best (or that it
+    lacks). Other records of ``records_dir`` stay as they are. Where two searches found one for the
+    same workload, the faster by its figures is put. Returns how many records were put.
+
+    Schedules, not figures, are compared with the seed: the seed's figures were measured on another
+    day, or core count, and the searches kept a seed's record unless theirs timed faster beside it.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from fastinfer.archive.remeasure import mean_s, workload_key
+
+    def best(folder: Path) -> dict:
+        pruned = ms.database.MemoryDatabase()
+        load_database(folder).dump_pruned(pruned)
+        return {workload_key(record): record for record in pruned.get_all_tuning_records()}
+
+    seeded = best(seed_dir)
+    found: dict = {}
+    for folder in searched:
+        for key, record in best(folder).items():
+            if key in seeded and str(record.trace) == str(seeded[key].trace):
+                continue
+            if key not in found or mean_s(record) < mean_s(found[key]):
+                found[key] = record
+    if found:
+        with _records_locked(records_dir):
+            _merge_into(records_dir, [records_dir], found)
+    return len(found)
+
+
 def _merge_into(records_dir: Path, sources: list[Path], settled: dict | None = None) -> None:
     from tvm.s_tir import meta_schedule as ms
 

@@ -76,20 +76,20 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
     """
     import tvm
 
-    from fastinfer.archive import pack
+    from fastinfer.archive import pack, shipped
     from fastinfer.archive import target as targets
 
     target = targets.resolve("cpu", num_cores)
     onnx_file = onnx_path(cache_dir)
     key = hashlib.sha256(
-        json.dumps([onnx_file.name, target, tvm.__version__, BATCH_SIZES, pack.shipped_digest(target)]).encode()
+        json.dumps([onnx_file.name, target, tvm.__version__, BATCH_SIZES, shipped.digest(target)]).encode()
     ).hexdigest()[:16]
     path = Path(cache_dir) / "default" / f"efficientnet_lite0-{key}.fia"
     if path.exists():
         return path  # built: nothing to write, so a read-only, pre-built cache serves it
     with cache.building(path):  # the build stages hidden files beside ``path``
         if not path.exists():
-            shipped = pack.shipped_records(target) is not None
+            has_records = shipped.best_folder(target) is not None
             cores = target["num-cores"]
             log.info(
                 "model %s: compiling for llvm %s, %d core%s (first start; cached after)",
@@ -98,7 +98,7 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
                 cores,
                 "" if cores == 1 else "s",
             )
-            if not shipped:
+            if not has_records:
                 log.warning(
                     "model %s: no shipped tuning records for %s: tuning it here (%d trials per task); "
                     "this takes a while, once",
@@ -121,9 +121,9 @@ def archive_path(cache_dir: str | Path, num_cores: int) -> Path:
                     preprocess=str(preprocess_file),
                     target=json.dumps(target),
                     batch_sizes=BATCH_SIZES,
-                    tune_trials=0 if shipped else FALLBACK_TUNE_TRIALS,
+                    tune_trials=0 if has_records else FALLBACK_TUNE_TRIALS,
                     cache_dir=str(cache_dir),
-                    use_stored_records=shipped,  # with records shipped, never search: serve soon
+                    use_stored_records=has_records,  # with records shipped, never search: serve soon
                     stream=cast(TextIO, LogLines(log, f"model {NAME}: ")),
                 ),
             )

@@ -14,11 +14,11 @@ import pytest
 from test_tuning import dense_model
 
 from fastinfer import cli
-from fastinfer.archive import pack, tuning
+from fastinfer.archive import pack, shipped, tuning
 from fastinfer.archive.commands import parse_duration
 from fastinfer.archive.manifest import ArchiveError
 
-SHIPPED = pack.SHIPPED_RECORDS / "x86-64-v4"
+SHIPPED = shipped.SHIPPED_RECORDS / "x86-64-v4"
 V4 = json.dumps({"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": 2})
 
 
@@ -116,23 +116,23 @@ def test_stored_records_only_never_tunes(tmp_path, monkeypatch, capsys):
 
 
 def test_targets_take_their_core_counts_records_first_then_the_others(tmp_path, monkeypatch):
-    monkeypatch.setattr(pack, "SHIPPED_RECORDS", tmp_path)
+    monkeypatch.setattr(shipped, "SHIPPED_RECORDS", tmp_path)
     level = tmp_path / "x86-64-v4"
     one, two, four = ({"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": n} for n in (1, 2, 4))
-    assert pack.shipped_records(one) is None and pack.shipped_folders(two) == [] and pack.shipped_digest(two) == ""
+    assert shipped.best_folder(one) is None and shipped.folders_for(two) == [] and shipped.digest(two) == ""
     for folder in (level, level / "1-core"):
         folder.mkdir(parents=True, exist_ok=True)
         for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
             (folder / f"{name}.gz").write_bytes(gzip.compress(f"{folder.name}\n".encode()))
-    assert pack.shipped_folders(one) == [level / "1-core", level]
-    assert pack.shipped_folders(two) == pack.shipped_folders(four) == [level, level / "1-core"]
-    assert pack.shipped_records(one) == level / "1-core" and pack.shipped_records(two) == level
-    assert pack.shipped_digest(one) != pack.shipped_digest(two)
-    before = pack.shipped_digest(two)
+    assert shipped.folders_for(one) == [level / "1-core", level]
+    assert shipped.folders_for(two) == shipped.folders_for(four) == [level, level / "1-core"]
+    assert shipped.best_folder(one) == level / "1-core" and shipped.best_folder(two) == level
+    assert shipped.digest(one) != shipped.digest(two)
+    before = shipped.digest(two)
     (level / "1-core" / f"{tuning.RECORDS_FILE}.gz").write_bytes(gzip.compress(b"retuned\n"))
-    assert pack.shipped_digest(two) != before  # new one-core records reach several-core builds too
+    assert shipped.digest(two) != before  # new one-core records reach several-core builds too
     shutil.rmtree(level / "1-core")
-    assert pack.shipped_folders(one) == [level]  # no one-core records shipped: the level's
+    assert shipped.folders_for(one) == [level]  # no one-core records shipped: the level's
 
     # the cache keeps one-core records apart; other core counts share theirs
     assert pack._records_dir("c", one) != pack._records_dir("c", two) == pack._records_dir("c", four)
@@ -160,6 +160,78 @@ def test_records_of_another_core_count_fill_only_the_gaps(tmp_path):
     assert merged.keys() == own.keys() | other.keys()
     assert all(merged[key] == own[key] for key in own)  # a workload held keeps its record, faster rival or not
     assert all(merged[key] == other[key] for key in other.keys() - own.keys())
+
+
+def best_records(folder):
+    """The best record of each workload in a database folder, by workload key."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from fastinfer.archive import remeasure
+
+    pruned = ms.database.MemoryDatabase()
+    tuning.load_database(folder).dump_pruned(pruned)
+    return {remeasure.workload_key(r): r for r in pruned.get_all_tuning_records()}
+
+
+def write_shipped(folder, records):
+    """A shipped folder (gzipped JSON database) holding ``records``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    plain = folder / "plain"
+    database = tuning.load_database(plain)
+    for r in records:
+        workload = database.commit_workload(r.workload.mod)
+        database.commit_tuning_record(ms.database.TuningRecord(r.trace, workload, r.run_secs, r.target, r.args_info))
+    for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
+        (folder / f"{name}.gz").write_bytes(gzip.compress((plain / name).read_bytes()))
+    shutil.rmtree(plain)
+
+
+def test_shipping_a_search_puts_in_only_the_schedules_it_found(tmp_path, monkeypatch):
+    """scripts/ship_records.py: a search seeded with what a one-core build reads, which found new
+    schedules for two workloads, changes the one-core folder by those two and nothing else."""
+    several, one = tmp_path / "several", tmp_path / "one"
+    shipped_copy(several)
+    one.mkdir()
+    for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
+        (one / name).write_bytes(gzip.decompress((SHIPPED / "1-core" / f"{name}.gz").read_bytes()))
+    all_core, one_core = best_records(several), best_records(one)
+    differ = [k for k in all_core.keys() & one_core.keys() if str(all_core[k].trace) != str(one_core[k].trace)]
+    alone = sorted(one_core.keys() - all_core.keys())  # one-core only: several-core builds fill gaps with them
+    differ, alone = sorted(differ)[:3], alone[:3]
+    assert len(differ) == 3 and len(alone) == 3
+
+    # a small package: real records of six workloads, three scheduled differently for several cores
+    monkeypatch.setattr(shipped, "SHIPPED_RECORDS", tmp_path / "package")
+    level = tmp_path / "package" / "x86-64-v4"
+    (level / "1-core").mkdir(parents=True)
+    write_shipped(level / "1-core", [one_core[k] for k in differ + alone])
+    write_shipped(level, [all_core[k] for k in differ])
+    target = {"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": 1}
+    several_core_bytes = [(level / f"{name}.gz").read_bytes() for name in shipped.FILES]
+
+    searched = tmp_path / "searched"  # seeded as scripts/ship_records.py --seed does, then searched:
+    searched.mkdir()
+    shipped.unpack(shipped.folders_for(target), searched)
+    assert best_records(searched).keys() == set(differ + alone)
+    found = {k: all_core[k] for k in differ[:2]}  # the search found these two (figures: any)
+    tuning._merge_into(searched, [searched], found)
+
+    assert shipped.put_found(target, [searched]) == 2
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    shipped.unpack([level / "1-core"], unpacked)
+    now = best_records(unpacked)
+    assert now.keys() == set(differ + alone)
+    for key in now:
+        expected = found[key] if key in found else one_core[key]
+        assert str(now[key].trace) == str(expected.trace)
+    assert [(level / f"{name}.gz").read_bytes() for name in shipped.FILES] == several_core_bytes
+
+    # shipped again: nothing found that is not in (the seed now holds the two); no file rewritten
+    one_core_bytes = [(level / "1-core" / f"{name}.gz").read_bytes() for name in shipped.FILES]
+    assert shipped.put_found(target, [searched]) == 0
+    assert [(level / "1-core" / f"{name}.gz").read_bytes() for name in shipped.FILES] == one_core_bytes
 
 
 def test_tune_time_as_typed():
