@@ -22,11 +22,11 @@ SHIPPED = shipped.SHIPPED_RECORDS / "x86-64-v4"
 V4 = json.dumps({"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": 2})
 
 
-def shipped_copy(folder):
+def shipped_copy(folder, source=SHIPPED):
     """Real records (the shipped x86-64-v4 ones), as a plain JSON database in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
-        (folder / name).write_bytes(gzip.decompress((SHIPPED / f"{name}.gz").read_bytes()))
+        (folder / name).write_bytes(gzip.decompress((source / f"{name}.gz").read_bytes()))
     return tuning.database_summary(folder)
 
 
@@ -149,9 +149,7 @@ def test_records_of_another_core_count_fill_only_the_gaps(tmp_path):
 
     several, one = tmp_path / "several", tmp_path / "one"
     shipped_copy(several)
-    one.mkdir()
-    for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
-        (one / name).write_bytes(gzip.decompress((SHIPPED / "1-core" / f"{name}.gz").read_bytes()))
+    shipped_copy(one, SHIPPED / "1-core")
     own, other = best(several), best(one)
     shared = own.keys() & other.keys()
     assert shared and other.keys() - own.keys()  # the shipped folders overlap, and differ
@@ -192,9 +190,7 @@ def test_shipping_a_search_puts_in_only_the_schedules_it_found(tmp_path, monkeyp
     schedules for two workloads, changes the one-core folder by those two and nothing else."""
     several, one = tmp_path / "several", tmp_path / "one"
     shipped_copy(several)
-    one.mkdir()
-    for name in (tuning.WORKLOADS_FILE, tuning.RECORDS_FILE):
-        (one / name).write_bytes(gzip.decompress((SHIPPED / "1-core" / f"{name}.gz").read_bytes()))
+    shipped_copy(one, SHIPPED / "1-core")
     all_core, one_core = best_records(several), best_records(one)
     differ = [k for k in all_core.keys() & one_core.keys() if str(all_core[k].trace) != str(one_core[k].trace)]
     alone = sorted(one_core.keys() - all_core.keys())  # one-core only: several-core builds fill gaps with them
