@@ -37,7 +37,13 @@ def main() -> None:
         shipped.unpack(shipped.folders_for(target), args.seed)
         print(f"{args.seed}: {tuning.database_summary(args.seed)['records']} records")
     elif args.searched:
-        found = shipped.put_found(target, args.searched)
+        for folder in args.searched:
+            if not (folder / tuning.RECORDS_FILE).is_file():
+                parser.error(f"{folder}: no {tuning.RECORDS_FILE} (not a folder tune_records.py searched)")
+        try:
+            found = shipped.put_found(target, args.searched)
+        except ValueError as error:
+            parser.error(str(error))
         where = shipped.own_folder(target).relative_to(shipped.SHIPPED_RECORDS)
         print(f"{where}: {found} records the search found put in")
     else:

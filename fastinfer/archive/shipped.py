@@ -105,7 +105,7 @@ def put_found(target: dict, searched: list[Path]) -> int:
         for name in FILES:
             packed = folder / f"{name}.gz"
             (own / name).write_bytes(gzip.decompress(packed.read_bytes()) if packed.exists() else b"")
-        found = tuning.overlay_found(own, seeded, searched)
+        found = tuning.overlay_found(own, seeded, searched, target["mcpu"], one_core(target))
         if found:
             folder.mkdir(parents=True, exist_ok=True)
             for name in FILES:  # no name or time in the header: the same records give the same bytes

@@ -830,11 +830,13 @@ def fill_gaps(source_dir: Path, records_dir: Path) -> None:
         _merge_into(records_dir, [records_dir, source_dir], settled)
 
 
-def overlay_found(records_dir: Path, seed_dir: Path, searched: list[Path]) -> int:
+def overlay_found(records_dir: Path, seed_dir: Path, searched: list[Path], mcpu: str, one_core: bool) -> int:
     """Put into ``records_dir`` what searches seeded with ``seed_dir``'s records found: the best record
     of each workload in ``searched`` whose schedule differs from ``seed_dir``'s best (or that it
     lacks). Other records of ``records_dir`` stay as they are. Where two searches found one for the
-    same workload, the faster by its figures is put. Returns how many records were put.
+    same workload, the faster by its figures is put. Returns how many records were put; raises
+    ``ValueError`` (and puts none) when a record found was tuned for another ``mcpu`` or core count
+    (workloads are the same on every level, so nothing else would tell such a folder apart).
 
     Schedules, not figures, are compared with the seed: the seed's figures were measured on another
     day, or core count, and the searches kept a seed's record unless theirs timed faster beside it.
@@ -856,6 +858,11 @@ def overlay_found(records_dir: Path, seed_dir: Path, searched: list[Path]) -> in
                 continue
             if key not in found or mean_s(record) < mean_s(found[key]):
                 found[key] = record
+    for record in found.values():
+        tuned_for = record.target.attrs
+        if tuned_for.get("mcpu") != mcpu or (tuned_for.get("num-cores") == 1) != one_core:
+            cores = "one core" if one_core else "several cores"
+            raise ValueError(f"a record was tuned for {record.target}, not {mcpu} on {cores}")
     if found:
         with _records_locked(records_dir):
             _merge_into(records_dir, [records_dir], found)

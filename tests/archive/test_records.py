@@ -171,6 +171,13 @@ def best_records(folder):
     return {remeasure.workload_key(r): r for r in pruned.get_all_tuning_records()}
 
 
+def retargeted(record, target):
+    """``record``'s schedule, as a search for ``target`` would have found it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.TuningRecord(record.trace, record.workload, record.run_secs, target, record.args_info)
+
+
 def write_shipped(folder, records):
     """A shipped folder (gzipped JSON database) holding ``records``."""
     from tvm.s_tir import meta_schedule as ms
@@ -210,8 +217,12 @@ def test_shipping_a_search_puts_in_only_the_schedules_it_found(tmp_path, monkeyp
     searched.mkdir()
     shipped.unpack(shipped.folders_for(target), searched)
     assert best_records(searched).keys() == set(differ + alone)
-    found = {k: all_core[k] for k in differ[:2]}  # the search found these two (figures: any)
+    found = {k: retargeted(all_core[k], one_core[k].target) for k in differ[:2]}  # new schedules for two
     tuning._merge_into(searched, [searched], found)
+    for wrong in ({**target, "num-cores": 2}, {**target, "mcpu": "x86-64-v3"}):  # tuned for another target
+        with pytest.raises(ValueError, match="a record was tuned for"):
+            shipped.put_found(wrong, [searched])
+    assert not (tmp_path / "package" / "x86-64-v3").exists()
 
     assert shipped.put_found(target, [searched]) == 2
     unpacked = tmp_path / "unpacked"
