@@ -816,18 +816,22 @@ def merge(source_dir: Path, records_dir: Path, time_rivals_on: TextIO | None = N
         _merge_into(records_dir, [records_dir, source_dir], settled)
 
 
-def fill_gaps(source_dir: Path, records_dir: Path) -> None:
-    """Add to the database in ``records_dir`` the records in ``source_dir`` of workloads it has no
-    record of; where both hold one, ``records_dir``'s stays, whatever the figures say."""
+def best_records(records_dir: Path) -> dict:
+    """The best record of each workload in the database in ``records_dir``, by workload key."""
     from tvm.s_tir import meta_schedule as ms
 
     from fastinfer.archive.remeasure import workload_key
 
+    pruned = ms.database.MemoryDatabase()
+    load_database(records_dir).dump_pruned(pruned)
+    return {workload_key(record): record for record in pruned.get_all_tuning_records()}
+
+
+def fill_gaps(source_dir: Path, records_dir: Path) -> None:
+    """Add to the database in ``records_dir`` the records in ``source_dir`` of workloads it has no
+    record of; where both hold one, ``records_dir``'s stays, whatever the figures say."""
     with _records_locked(records_dir):
-        held = ms.database.MemoryDatabase()
-        load_database(records_dir).dump_pruned(held)  # the best record of each workload
-        settled = {workload_key(record): record for record in held.get_all_tuning_records()}
-        _merge_into(records_dir, [records_dir, source_dir], settled)
+        _merge_into(records_dir, [records_dir, source_dir], best_records(records_dir))
 
 
 def overlay_found(records_dir: Path, seed_dir: Path, searched: list[Path], mcpu: str, one_core: bool) -> int:
@@ -841,19 +845,12 @@ def overlay_found(records_dir: Path, seed_dir: Path, searched: list[Path], mcpu:
     Schedules, not figures, are compared with the seed: the seed's figures were measured on another
     day, or core count, and the searches kept a seed's record unless theirs timed faster beside it.
     """
-    from tvm.s_tir import meta_schedule as ms
+    from fastinfer.archive.remeasure import mean_s
 
-    from fastinfer.archive.remeasure import mean_s, workload_key
-
-    def best(folder: Path) -> dict:
-        pruned = ms.database.MemoryDatabase()
-        load_database(folder).dump_pruned(pruned)
-        return {workload_key(record): record for record in pruned.get_all_tuning_records()}
-
-    seeded = best(seed_dir)
+    seeded = best_records(seed_dir)
     found: dict = {}
     for folder in searched:
-        for key, record in best(folder).items():
+        for key, record in best_records(folder).items():
             if key in seeded and str(record.trace) == str(seeded[key].trace):
                 continue
             if key not in found or mean_s(record) < mean_s(found[key]):

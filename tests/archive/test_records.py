@@ -160,17 +160,6 @@ def test_records_of_another_core_count_fill_only_the_gaps(tmp_path):
     assert all(merged[key] == other[key] for key in other.keys() - own.keys())
 
 
-def best_records(folder):
-    """The best record of each workload in a database folder, by workload key."""
-    from tvm.s_tir import meta_schedule as ms
-
-    from fastinfer.archive import remeasure
-
-    pruned = ms.database.MemoryDatabase()
-    tuning.load_database(folder).dump_pruned(pruned)
-    return {remeasure.workload_key(r): r for r in pruned.get_all_tuning_records()}
-
-
 def retargeted(record, target):
     """``record``'s schedule, as a search for ``target`` would have found it."""
     from tvm.s_tir import meta_schedule as ms
@@ -198,7 +187,7 @@ def test_shipping_a_search_puts_in_only_the_schedules_it_found(tmp_path, monkeyp
     several, one = tmp_path / "several", tmp_path / "one"
     shipped_copy(several)
     shipped_copy(one, SHIPPED / "1-core")
-    all_core, one_core = best_records(several), best_records(one)
+    all_core, one_core = tuning.best_records(several), tuning.best_records(one)
     differ = [k for k in all_core.keys() & one_core.keys() if str(all_core[k].trace) != str(one_core[k].trace)]
     alone = sorted(one_core.keys() - all_core.keys())  # one-core only: several-core builds fill gaps with them
     differ, alone = sorted(differ)[:3], alone[:3]
@@ -216,7 +205,7 @@ def test_shipping_a_search_puts_in_only_the_schedules_it_found(tmp_path, monkeyp
     searched = tmp_path / "searched"  # seeded as scripts/ship_records.py --seed does, then searched:
     searched.mkdir()
     shipped.unpack(shipped.folders_for(target), searched)
-    assert best_records(searched).keys() == set(differ + alone)
+    assert tuning.best_records(searched).keys() == set(differ + alone)
     found = {k: retargeted(all_core[k], one_core[k].target) for k in differ[:2]}  # new schedules for two
     tuning._merge_into(searched, [searched], found)
     for wrong in ({**target, "num-cores": 2}, {**target, "mcpu": "x86-64-v3"}):  # tuned for another target
@@ -228,7 +217,7 @@ def test_shipping_a_search_puts_in_only_the_schedules_it_found(tmp_path, monkeyp
     unpacked = tmp_path / "unpacked"
     unpacked.mkdir()
     shipped.unpack([level / "1-core"], unpacked)
-    now = best_records(unpacked)
+    now = tuning.best_records(unpacked)
     assert now.keys() == set(differ + alone)
     for key in now:
         expected = found[key] if key in found else one_core[key]
