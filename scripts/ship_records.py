@@ -12,25 +12,76 @@ shipped folders change by what was found, and never by a seed's record put back 
 
 Time the searched folder beside the shipped records before and after (``scripts/bench_layouts.py``
 with ``--records``), and run ``tests/archive/test_records.py``: what ships is what builds take.
+
+``--coverage`` says what ships: for each level and core count, each model and batch size, the layout a
+build from stored records takes (``--layout auto``) and how many of its tasks have a record (a task
+without one keeps TVM's default schedule, tens of times slower):
+
+    python scripts/ship_records.py --coverage [efficientnet:1 squeezenet:8 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import tempfile
 from pathlib import Path
 
+import onnx
+
 from fastinfer.archive import shipped, tuning
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tune_records import model_path
+
+MODELS = ("efficientnet:1", "efficientnet:8", "squeezenet:1", "squeezenet:8", "resnet50:1", "resnet50:8")
+
+
+def coverage(models: list[str], cache_dir: str) -> None:
+    """Print, as a markdown table, what a build from the shipped records takes for each level, core
+    count (one, or several: the all-core records), model and batch size."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from fastinfer.archive.graph import for_tvm, with_batch
+
+    print("| level | cores | model | batch | layout | tasks with records |")
+    print("| --- | --- | --- | ---: | --- | ---: |")
+    for level in sorted(p.name for p in shipped.SHIPPED_RECORDS.iterdir() if p.is_dir()):
+        for cores in (1, 2):
+            target = {"kind": "llvm", "mcpu": level, "num-cores": cores}
+            tvm_target = tvm.target.Target(target)
+            with tempfile.TemporaryDirectory() as records:
+                shipped.unpack(shipped.folders_for(target), Path(records))
+                database = tuning.load_database(Path(records))
+                for spec in models:
+                    name, _, batch_text = spec.partition(":")
+                    batch = int(batch_text or 1)
+                    model = onnx.load(model_path(name, cache_dir))
+                    mod = from_onnx(with_batch(for_tvm(model, [batch]), batch), keep_params_in_input=False)
+                    prepared, layout = tuning.pre_tuning_covered(mod, tvm_target, database, sys.stderr)
+                    tasks = len(tuning.all_tasks(prepared, tvm_target))
+                    missing = len(tuning.untuned_tasks(prepared, tvm_target, database))
+                    where = "1" if cores == 1 else "all"
+                    print(f"| {level} | {where} | {name} | {batch} | {layout.upper()} | {tasks - missing} of {tasks} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("searched", nargs="*", type=Path, help="folders tune_records.py searched")
     parser.add_argument("--mcpu", default="x86-64-v4")
-    parser.add_argument("--num-cores", type=int, required=True, help="1, or the core count of all-core records")
+    parser.add_argument("--num-cores", type=int, help="1, or the core count of all-core records")
     parser.add_argument("--seed", type=Path, help="write the records builds read today into this folder, and stop")
+    parser.add_argument("--coverage", nargs="*", metavar="NAME:BATCH", help=f"say what ships (default: {MODELS})")
+    parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "fastinfer-tune-cache"))
     args = parser.parse_args()
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    if args.coverage is not None:
+        coverage(args.coverage or list(MODELS), args.cache_dir)
+        return
+    if args.num_cores is None:
+        parser.error("--num-cores is required to seed or ship")
     target = {"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores}
     if args.seed:
         args.seed.mkdir(parents=True, exist_ok=True)

@@ -513,7 +513,7 @@ def _tune(
     try:
         if options.layout == "auto" and options.use_stored_records:
             database = tuning.load_database(records)
-            chosen = {size: _best_covered(mod, tvm_target, database, stream) for size, mod in mods.items()}
+            chosen = {size: tuning.pre_tuning_covered(mod, tvm_target, database, stream) for size, mod in mods.items()}
         elif options.layout == "auto":  # a search tunes NHWC where the graph converts
             chosen = {size: tuning.pre_tuning_auto(mod, tvm_target, stream) for size, mod in mods.items()}
         else:
@@ -538,26 +538,6 @@ def _tune(
     except Exception as error:
         raise ArchiveError(f"tuning {options.name} failed: {error}") from error
     return prepared, tasks, tuned, layouts
-
-
-def _best_covered(mod: Any, tvm_target: Any, database: Any, stream: TextIO) -> tuple[Any, str]:
-    """``mod`` prepared in the layout whose tasks ``database`` covers best: a task without a record
-    keeps a default schedule, tens of times slower than a tuned one. NHWC first, so that a tie (both
-    covered) goes to it: tuned at an equal budget, it ran in two thirds of NCHW's time. Not the
-    records' own estimates: those are timed on whatever machine, under whatever load, tuned them
-    (the shipped NCHW ones say 10 ms for EfficientNet-Lite0, the NHWC ones 30 ms, where side by side
-    NHWC runs in 16 ms and NCHW in 22)."""
-    converted, layout = tuning.pre_tuning_auto(mod, tvm_target, stream)
-    if layout == "nchw":  # the graph does not convert to NHWC
-        return converted, layout
-    best: tuple[int, Any, str] | None = None
-    for layout in ("nhwc", "nchw"):
-        prepared = converted if layout == "nhwc" else tuning.pre_tuning(mod, tvm_target, layout)
-        missing = len(tuning.untuned_tasks(prepared, tvm_target, database))
-        if best is None or missing < best[0]:
-            best = (missing, prepared, layout)
-    assert best is not None
-    return best[1], best[2]
 
 
 def _tuned_build(mod: Any, target: dict, records: Path, label: str, path: Path, stream: TextIO) -> None:
