@@ -35,10 +35,10 @@ from fastinfer.archive import shipped, tuning
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tune_records import model_path
 
-MODELS = ("efficientnet:1", "efficientnet:8", "squeezenet:1", "squeezenet:8", "resnet50:1", "resnet50:8")
+MODELS = [(name, batch) for name in ("efficientnet", "squeezenet", "resnet50") for batch in (1, 8)]
 
 
-def coverage(models: list[str], cache_dir: str) -> None:
+def coverage(models: list[tuple[str, int]], cache_dir: str) -> None:
     """Print, as a markdown table, what a build from the shipped records takes for each level, core
     count (one, or several: the all-core records), model and batch size."""
     import tvm
@@ -46,25 +46,42 @@ def coverage(models: list[str], cache_dir: str) -> None:
 
     from fastinfer.archive.graph import for_tvm, with_batch
 
+    mods = {}
+    for name, batch in models:
+        model = onnx.load(model_path(name, cache_dir))
+        mods[name, batch] = from_onnx(with_batch(for_tvm(model, [batch]), batch), keep_params_in_input=False)
     print("| level | cores | model | batch | layout | tasks with records |")
-    print("| --- | --- | --- | ---: | --- | ---: |")
-    for level in sorted(p.name for p in shipped.SHIPPED_RECORDS.iterdir() if p.is_dir()):
+    print("| --- | --- | --- | ---: | --- | ---: |", flush=True)
+    for level in sorted(folder.name for folder in shipped.SHIPPED_RECORDS.iterdir() if folder.is_dir()):
         for cores in (1, 2):
             target = {"kind": "llvm", "mcpu": level, "num-cores": cores}
             tvm_target = tvm.target.Target(target)
             with tempfile.TemporaryDirectory() as records:
                 shipped.unpack(shipped.folders_for(target), Path(records))
                 database = tuning.load_database(Path(records))
-                for spec in models:
-                    name, _, batch_text = spec.partition(":")
-                    batch = int(batch_text or 1)
-                    model = onnx.load(model_path(name, cache_dir))
-                    mod = from_onnx(with_batch(for_tvm(model, [batch]), batch), keep_params_in_input=False)
+                for (name, batch), mod in mods.items():
                     prepared, layout = tuning.pre_tuning_covered(mod, tvm_target, database, sys.stderr)
                     tasks = len(tuning.all_tasks(prepared, tvm_target))
                     missing = len(tuning.untuned_tasks(prepared, tvm_target, database))
-                    where = "1" if cores == 1 else "all"
-                    print(f"| {level} | {where} | {name} | {batch} | {layout.upper()} | {tasks - missing} of {tasks} |")
+                    cells = (
+                        level,
+                        "1" if cores == 1 else "all",
+                        name,
+                        batch,
+                        layout.upper(),
+                        f"{tasks - missing} of {tasks}",
+                    )
+                    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+
+
+def model_spec(text: str) -> tuple[str, int]:
+    """NAME[:BATCH], as scripts/tune_records.py takes them (batch 1 by default)."""
+    name, _, batch = text.partition(":")
+    if name != "efficientnet" and not Path(model_path(name, "")).is_file():
+        raise argparse.ArgumentTypeError(f"{name}: not efficientnet or a light model of the onnx package")
+    if not (batch or "1").isdigit() or int(batch or 1) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: the batch size is a positive number (NAME:BATCH)")
+    return name, int(batch or 1)
 
 
 def main() -> None:
@@ -73,12 +90,18 @@ def main() -> None:
     parser.add_argument("--mcpu", default="x86-64-v4")
     parser.add_argument("--num-cores", type=int, help="1, or the core count of all-core records")
     parser.add_argument("--seed", type=Path, help="write the records builds read today into this folder, and stop")
-    parser.add_argument("--coverage", nargs="*", metavar="NAME:BATCH", help=f"say what ships (default: {MODELS})")
+    parser.add_argument(
+        "--coverage",
+        nargs="*",
+        type=model_spec,
+        metavar="NAME:BATCH",
+        help="say what ships (default: the three models at 1 and 8)",
+    )
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "fastinfer-tune-cache"))
     args = parser.parse_args()
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     if args.coverage is not None:
-        coverage(args.coverage or list(MODELS), args.cache_dir)
+        coverage(args.coverage or MODELS, args.cache_dir)
         return
     if args.num_cores is None:
         parser.error("--num-cores is required to seed or ship")
