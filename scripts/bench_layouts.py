@@ -27,14 +27,14 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tune_records import model_path
+from tune_records import model_path, model_spec, relax_module
 
 TOLERANCE = 1e-3  # largest error allowed, relative to the largest reference output (as archives use)
 
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="NAME:BATCH, as scripts/tune_records.py takes them")
+    parser.add_argument("models", nargs="+", type=model_spec, help="NAME:BATCH, as scripts/tune_records.py takes them")
     parser.add_argument(
         "--records",
         action="append",
@@ -54,16 +54,12 @@ def compiled(model: onnx.ModelProto, batch: int, layout: str, records: Path, tar
     the model's task count, and how many of them the records miss."""
     import tvm
     from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
 
     from fastinfer.archive import tuning
-    from fastinfer.archive.graph import for_tvm, with_batch
 
-    mod = from_onnx(with_batch(for_tvm(model, [batch]), batch), keep_params_in_input=False)
-    mod = tuning.pre_tuning(mod, target, layout)
+    mod = tuning.pre_tuning(relax_module(model, batch), target, layout)
     database = tuning.load_database(records)
-    tasks = len(tuning.all_tasks(mod, target))
-    missing = len(tuning.untuned_tasks(mod, target, database))
+    tasks, missing = tuning.record_coverage(mod, target, database)
     executable = relax.build(tuning.apply_records(mod, target, database), target=target)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     return vm["main"], tasks, missing
@@ -96,9 +92,7 @@ def main() -> None:
         f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}; median of {args.windows} rounds of {args.duration_s} s"
     )
     rows = []
-    for spec in args.models:
-        name, _, batch_text = spec.partition(":")
-        batch = int(batch_text or 1)
+    for name, batch in args.models:
         path = model_path(name, args.cache_dir)
         model = onnx.load(path)
         options = ort.SessionOptions()

@@ -33,7 +33,7 @@ import onnx
 from fastinfer.archive import shipped, tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tune_records import model_path
+from tune_records import model_path, model_spec, relax_module
 
 MODELS = [(name, batch) for name in ("efficientnet", "squeezenet", "resnet50") for batch in (1, 8)]
 
@@ -42,14 +42,8 @@ def coverage(models: list[tuple[str, int]], cache_dir: str) -> None:
     """Print, as a markdown table, what a build from the shipped records takes for each level, core
     count (one, or several: the all-core records), model and batch size."""
     import tvm
-    from tvm.relax.frontend.onnx import from_onnx
 
-    from fastinfer.archive.graph import for_tvm, with_batch
-
-    mods = {}
-    for name, batch in models:
-        model = onnx.load(model_path(name, cache_dir))
-        mods[name, batch] = from_onnx(with_batch(for_tvm(model, [batch]), batch), keep_params_in_input=False)
+    mods = {(name, batch): relax_module(onnx.load(model_path(name, cache_dir)), batch) for name, batch in models}
     print("| level | cores | model | batch | layout | tasks with records |")
     print("| --- | --- | --- | ---: | --- | ---: |", flush=True)
     for level in sorted(folder.name for folder in shipped.SHIPPED_RECORDS.iterdir() if folder.is_dir()):
@@ -61,8 +55,7 @@ def coverage(models: list[tuple[str, int]], cache_dir: str) -> None:
                 database = tuning.load_database(Path(records))
                 for (name, batch), mod in mods.items():
                     prepared, layout = tuning.pre_tuning_covered(mod, tvm_target, database, sys.stderr)
-                    tasks = len(tuning.all_tasks(prepared, tvm_target))
-                    missing = len(tuning.untuned_tasks(prepared, tvm_target, database))
+                    tasks, missing = tuning.record_coverage(prepared, tvm_target, database)
                     cells = (
                         level,
                         "1" if cores == 1 else "all",
@@ -72,16 +65,6 @@ def coverage(models: list[tuple[str, int]], cache_dir: str) -> None:
                         f"{tasks - missing} of {tasks}",
                     )
                     print("| " + " | ".join(map(str, cells)) + " |", flush=True)
-
-
-def model_spec(text: str) -> tuple[str, int]:
-    """NAME[:BATCH], as scripts/tune_records.py takes them (batch 1 by default)."""
-    name, _, batch = text.partition(":")
-    if name != "efficientnet" and not Path(model_path(name, "")).is_file():
-        raise argparse.ArgumentTypeError(f"{name}: not efficientnet or a light model of the onnx package")
-    if not (batch or "1").isdigit() or int(batch or 1) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: the batch size is a positive number (NAME:BATCH)")
-    return name, int(batch or 1)
 
 
 def main() -> None:

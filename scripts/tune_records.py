@@ -49,9 +49,30 @@ def model_path(name: str, cache: str) -> str:
     return str(Path(onnx.__file__).parent / "backend/test/data/light" / f"light_{name}.onnx")
 
 
+def model_spec(text: str) -> tuple[str, int]:
+    """NAME[:BATCH] (batch 1 by default): efficientnet, or a light_NAME model of the onnx package."""
+    name, _, batch = text.partition(":")
+    if name != "efficientnet" and not Path(model_path(name, "")).is_file():
+        raise argparse.ArgumentTypeError(f"{name}: not efficientnet or a light model of the onnx package")
+    if not (batch or "1").isdigit() or int(batch or 1) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: the batch size is a positive number (NAME:BATCH)")
+    return name, int(batch or 1)
+
+
+def relax_module(model: onnx.ModelProto, batch: int) -> object:
+    """``model`` at ``batch`` as a Relax module, converted as archives convert it."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from fastinfer.archive.graph import for_tvm, with_batch
+
+    return from_onnx(with_batch(for_tvm(model, [batch]), batch), keep_params_in_input=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="NAME:BATCH, NAME efficientnet or a light_NAME model of onnx")
+    parser.add_argument(
+        "models", nargs="+", type=model_spec, help="NAME:BATCH, NAME efficientnet or a light_NAME model of onnx"
+    )
     parser.add_argument("--mcpu", default="x86-64-v4")
     parser.add_argument("--num-cores", type=int, default=os.cpu_count())
     parser.add_argument("--trials", type=int, default=8, help="trials per task")
@@ -72,25 +93,19 @@ def main() -> None:
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
 
     import tvm
-    from tvm.relax.frontend.onnx import from_onnx
 
     from fastinfer.archive import tuning
-    from fastinfer.archive.graph import for_tvm, with_batch
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores})
-    for spec in args.models:
-        name, _, batch = spec.partition(":")
-        model = onnx.load(model_path(name, args.cache_dir))
-        size = int(batch or 1)
-        mod = from_onnx(with_batch(for_tvm(model, [size]), size), keep_params_in_input=False)  # as archives do
-        mod = tuning.pre_tuning(mod, target, args.layout)
+    for name, batch in args.models:
+        mod = tuning.pre_tuning(relax_module(onnx.load(model_path(name, args.cache_dir)), batch), target, args.layout)
         budget = args.tune_time * 60 if args.tune_time else None
         tuning.tune(
             [mod],
             target,
             Path(args.out),
             args.trials,
-            label=spec,
+            label=f"{name}:{batch}",
             total_trials=args.total,
             retune=args.retune,
             time_budget_s=budget,

@@ -458,6 +458,13 @@ def untuned_tasks(mod: Any, target: Any, database: Any) -> list:
     return [task for task in all_tasks(mod, target) if not _has_record(database, task.dispatched[0])]
 
 
+def record_coverage(mod: Any, target: Any, database: Any) -> tuple[int, int]:
+    """How many tuning tasks ``mod`` has, and how many of them ``database`` holds no record for (the
+    tasks extracted once)."""
+    tasks = all_tasks(mod, target)
+    return len(tasks), sum(1 for task in tasks if not _has_record(database, task.dispatched[0]))
+
+
 def _has_record(database: Any, mod: Any) -> bool:
     if not database.has_workload(mod):
         return False
