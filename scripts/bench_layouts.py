@@ -39,7 +39,8 @@ def parse() -> argparse.Namespace:
         "--records",
         action="append",
         required=True,
-        help="LABEL=DIR (repeatable); LABEL is a layout, or LAYOUT-anything",
+        help="LABEL=DIR (repeatable); LABEL is a layout, or LAYOUT-anything; with the word 'unpadded' "
+        "(nhwc-unpadded) convolutions keep the model's channel counts",
     )
     parser.add_argument("--mcpu", default="x86-64-v4")
     parser.add_argument("--num-cores", type=int, default=1)
@@ -49,15 +50,17 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def compiled(model: onnx.ModelProto, batch: int, layout: str, records: Path, target: object) -> tuple:
+def compiled(model: onnx.ModelProto, batch: int, layout: str, records: Path, spec: dict, padded: bool) -> tuple:
     """The Relax VM's ``main`` of ``model`` at ``batch`` in ``layout`` with ``records``' schedules,
-    the model's task count, and how many of them the records miss."""
+    the model's task count, and how many of them the records miss. ``padded``: convolutions'
+    channels padded for ``spec`` as archives pad them, else as the model has them."""
     import tvm
     from tvm import relax
 
     from fastinfer.archive import tuning
 
-    mod = tuning.pre_tuning(relax_module(model, batch), target, layout)
+    target = tvm.target.Target(spec)
+    mod = tuning.pre_tuning(relax_module(model, batch, spec if padded else None), target, layout)
     database = tuning.load_database(records)
     tasks, missing = tuning.record_coverage(mod, target, database)
     executable = relax.build(tuning.apply_records(mod, target, database), target=target)
@@ -85,7 +88,7 @@ def main() -> None:
 
     from fastinfer.archive.graph import at_batch
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores})
+    spec = {"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores}
     layouts = dict(spec.split("=", 1) for spec in args.records)
     print(
         f"TVM {tvm.__version__} (llvm {args.mcpu}, {args.num_cores} cores), ONNX Runtime {ort.__version__}, "
@@ -109,7 +112,8 @@ def main() -> None:
         coverage = {}
         for layout, records in layouts.items():
             started = time.monotonic()
-            main_fn, tasks, missing = compiled(model, batch, layout.split("-")[0], Path(records), target)
+            padded = "unpadded" not in layout.split("-")
+            main_fn, tasks, missing = compiled(model, batch, layout.split("-")[0], Path(records), spec, padded)
             data = tvm.runtime.tensor(x)
             out = main_fn(data)
             out = out if hasattr(out, "numpy") else out[0]  # one output, or a tuple of them

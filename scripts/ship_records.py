@@ -43,7 +43,7 @@ def coverage(models: list[tuple[str, int]], cache_dir: str) -> None:
     count (one, or several: the all-core records), model and batch size."""
     import tvm
 
-    mods = {(name, batch): relax_module(onnx.load(model_path(name, cache_dir)), batch) for name, batch in models}
+    graphs = {(name, batch): onnx.load(model_path(name, cache_dir)) for name, batch in models}
     print("| level | cores | model | batch | layout | tasks with records |")
     print("| --- | --- | --- | ---: | --- | ---: |", flush=True)
     for level in sorted(folder.name for folder in shipped.SHIPPED_RECORDS.iterdir() if folder.is_dir()):
@@ -53,7 +53,8 @@ def coverage(models: list[tuple[str, int]], cache_dir: str) -> None:
             with tempfile.TemporaryDirectory() as records:
                 shipped.unpack(shipped.folders_for(target), Path(records))
                 database = tuning.load_database(Path(records))
-                for (name, batch), mod in mods.items():
+                for (name, batch), model in graphs.items():
+                    mod = relax_module(model, batch, target)
                     prepared, layout = tuning.pre_tuning_covered(mod, tvm_target, database, sys.stderr)
                     tasks, missing = tuning.record_coverage(prepared, tvm_target, database)
                     cells = (

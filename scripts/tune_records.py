@@ -59,13 +59,14 @@ def model_spec(text: str) -> tuple[str, int]:
     return name, int(batch or 1)
 
 
-def relax_module(model: onnx.ModelProto, batch: int) -> object:
-    """``model`` at ``batch`` as a Relax module, converted as archives convert it."""
+def relax_module(model: onnx.ModelProto, batch: int, target: dict | None) -> object:
+    """``model`` at ``batch`` as a Relax module, converted as archives for ``target`` convert it
+    (None: without the graph changes a target asks for, such as padded channels)."""
     from tvm.relax.frontend.onnx import from_onnx
 
     from fastinfer.archive.graph import for_tvm, with_batch
 
-    return from_onnx(with_batch(for_tvm(model, [batch]), batch), keep_params_in_input=False)
+    return from_onnx(with_batch(for_tvm(model, [batch], target), batch), keep_params_in_input=False)
 
 
 def main() -> None:
@@ -96,9 +97,11 @@ def main() -> None:
 
     from fastinfer.archive import tuning
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores})
+    spec = {"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores}
+    target = tvm.target.Target(spec)
     for name, batch in args.models:
-        mod = tuning.pre_tuning(relax_module(onnx.load(model_path(name, args.cache_dir)), batch), target, args.layout)
+        model = onnx.load(model_path(name, args.cache_dir))
+        mod = tuning.pre_tuning(relax_module(model, batch, spec), target, args.layout)
         budget = args.tune_time * 60 if args.tune_time else None
         tuning.tune(
             [mod],

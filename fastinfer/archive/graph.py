@@ -1,4 +1,4 @@
-"""The ONNX graph as TVM compiles it: input names fit for generated code, and the batch axis opened.
+"""The ONNX graph as TVM compiles it: input names fit for generated code, the batch axis opened.
 
 Names. TVM names a compiled function's parameters after the graph's inputs, in the C and CUDA source
 it generates; ONNX allows any string (``gpu_0/data_0``), C does not, and NVRTC refuses the kernels
@@ -19,6 +19,10 @@ inputs along a new axis and a reduction over it: a copy of every input, a kernel
 convolution fuses with, and a 5-D tensor that stops Relax's layout conversion. The same sum as a
 chain of ``Add`` nodes (the same broadcasting) fuses into the convolution that makes its input, as
 a residual add should.
+
+Channels. For a CPU target, a convolution whose output channels fill no whole vector (SqueezeNet's
+1000-channel classifier on AVX-512) gets zero channels to fill them, cut off again after the
+operators that follow it channel by channel: :mod:`fastinfer.archive.channels`.
 """
 
 from __future__ import annotations
@@ -59,10 +63,16 @@ def with_batch(model: Any, batch: int | str) -> Any:
     return copy
 
 
-def for_tvm(model: Any, batch_sizes: Iterable[int] | None) -> Any:
-    """The graph to convert with TVM's ONNX frontend: inputs renamed for generated code, and the
-    batch axis opened when ``model`` was exported for batch 1 and is compiled for more."""
+def for_tvm(model: Any, batch_sizes: Iterable[int] | None, target: dict | None = None) -> Any:
+    """The graph to convert with TVM's ONNX frontend: inputs renamed for generated code, the batch
+    axis opened when ``model`` was exported for batch 1 and is compiled for more, and, for a CPU
+    ``target``, convolutions' output channels padded to whole vectors where that pays (see
+    :mod:`fastinfer.archive.channels`)."""
+    from fastinfer.archive import channels
+
     graph = sums_as_adds(safe_input_names(model))
+    if target is not None:
+        graph = channels.pad_output_channels(graph, channels.float32_lanes(target))
     exported = {v.type.tensor_type.shape.dim[0].dim_value for v in graph_inputs(graph) if v.type.tensor_type.shape.dim}
     if exported == {1} and any(size != 1 for size in batch_sizes or ()):
         graph = open_batch(graph)
@@ -76,14 +86,14 @@ def safe_input_names(model: Any) -> Any:
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    taken = _names(copy.graph)
+    taken = names_in(copy.graph)
     renames = []
     for value in graph_inputs(copy):
         if _IDENTIFIER.fullmatch(value.name):
             continue
         base = re.sub(r"[^A-Za-z0-9_]", "_", value.name)
         base = base if base[:1].isalpha() or base[:1] == "_" else f"input_{base}"
-        name = _fresh(base, taken)
+        name = fresh_name(base, taken)
         renames.append(helper.make_node("Identity", [name], [value.name]))
         value.name = name
     if renames:
@@ -102,7 +112,7 @@ def sums_as_adds(model: Any) -> Any:
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    taken = _names(copy.graph)
+    taken = names_in(copy.graph)
     nodes = []
     for node in copy.graph.node:
         if node.op_type != "Sum" or node.domain not in ("", "ai.onnx"):
@@ -115,7 +125,7 @@ def sums_as_adds(model: Any) -> Any:
         total = inputs[0]
         for index, addend in enumerate(inputs[1:], start=1):
             last = index == len(inputs) - 1
-            result = output if last else _fresh(f"{output}_partial{index}", taken)
+            result = output if last else fresh_name(f"{output}_partial{index}", taken)
             nodes.append(helper.make_node("Add", [total, addend], [result], name=f"{node.name}_add{index}"))
             total = result
     del copy.graph.node[:]
@@ -123,7 +133,8 @@ def sums_as_adds(model: Any) -> Any:
     return copy
 
 
-def _fresh(base: str, taken: set[str]) -> str:
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_N`` where ``taken`` has it; the name is taken from then on."""
     name, count = base, 0
     while name in taken:
         count += 1
@@ -132,7 +143,8 @@ def _fresh(base: str, taken: set[str]) -> str:
     return name
 
 
-def _names(graph: Any) -> set[str]:
+def names_in(graph: Any) -> set[str]:
+    """Every tensor name ``graph`` uses: inputs, outputs, shapes, initializers, node ends."""
     names = {value.name for value in [*graph.input, *graph.output, *graph.value_info]}
     names.update(init.name for init in graph.initializer)
     for node in graph.node:
@@ -160,7 +172,7 @@ def open_batch(model: Any) -> Any:
         declared.append(TypeProto())
         declared[-1].CopyFrom(output.type)
         output.type.tensor_type.ClearField("shape")  # inferred below, not taken as declared
-    taken = _names(graph.graph)
+    taken = names_in(graph.graph)
     listed = graph.ir_version < 4  # before IR 4, every initializer is also a graph input
     while True:
         shapes = _inferred_shapes(graph)
@@ -176,7 +188,7 @@ def open_batch(model: Any) -> Any:
             shape = _per_sample_shape(shapes.get(node.input[0]), constants[node.input[1]])
             if shape is None:
                 continue
-            name = _fresh(f"{node.input[1]}_any_batch", taken)
+            name = fresh_name(f"{node.input[1]}_any_batch", taken)
             graph.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), name))
             if listed:
                 graph.graph.input.append(helper.make_tensor_value_info(name, TensorProto.INT64, [len(shape)]))

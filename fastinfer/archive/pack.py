@@ -85,7 +85,7 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
     if options.layout not in ("auto", "nchw") and not tuned:  # the layout is part of the tuning pipeline only
         raise ArchiveError("--layout applies to tuned CPU builds: add --tune-trials or --stored-records-only")
     sizes, served = _plan_batch_sizes(batch, options.batch_sizes, tuned)
-    graph = for_tvm(model, served)  # what TVM compiles; refused here if it fixes batch 1 for good
+    graph = for_tvm(model, served, target)  # what TVM compiles; refused here if it fixes batch 1 for good
     preprocess = image_preprocess(options.preprocess, _input_specs(model)[0])  # fails before minutes of compiling
     labels = read_labels(options.labels_path) if options.labels_path else None
 
@@ -100,7 +100,7 @@ def build_archive(onnx_path: str | Path, output: str | Path, options: BuildOptio
         verification = _verify(model, staging, libraries, target, stream)
         more = {}
         for extra in more_targets:  # further targets: untuned, one library with a symbolic batch axis
-            extra_libraries = _compile_more(model, graph, extra, options, staging, stream)
+            extra_libraries = _compile_more(model, for_tvm(model, served, extra), extra, options, staging, stream)
             more[extra["kind"]] = {
                 "target": extra,
                 "libraries": {("any" if s is None else str(s)): path for s, path in extra_libraries.items()},
@@ -178,7 +178,7 @@ def tune_onnx(onnx_path: str | Path, options: TuneOptions) -> tuple[Path, int]:
     _check_operators(model)
     _apply_input_shapes(model, options.input_shapes)
     sizes, served = _plan_batch_sizes(_batch_axis(model), options.batch_sizes, tuned=True)
-    graph = for_tvm(model, served)
+    graph = for_tvm(model, served, target)
     records = records_folder(options.cache_dir, target, options.records_dir)
     tuning.recover(records, stream)
     if not options.records_dir:
