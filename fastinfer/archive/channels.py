@@ -3,10 +3,11 @@
 A tuned convolution vectorizes over its output channels. SqueezeNet's classifier convolution
 (13x13, 512 -> 1000 channels, a quarter of the model's time) has a channel count no 16-lane AVX-512
 vector divides: its kernel works 8 channels at a time. With 1008 channels (zero weights and biases
-for the 8 added) it runs 16 at a time: the convolution, its ReLU and the pooling after it took
-0.90x the time, tuned alike on one core. The added channels ride along through the operators after
-the convolution that treat each channel alone (activations, pooling), and a Split after the last
-of them gives the graph back its own tensor: every later node, and every output, is unchanged.
+for the 8 added) it runs 16 at a time, and the whole model in 0.96x its time on one core (0.92x on
+two threads at batch 1; docs/benchmarks.md, "SqueezeNet's classifier padded to whole vectors").
+The added channels ride along through the operators after the convolution that treat each channel
+alone (activations, pooling), and a Split after the last of them gives the graph back its own
+tensor: every later node, and every output, is unchanged.
 
 Only where the padding adds little work: at most one sixteenth more channels (1000 -> 1008, not
 24 -> 32, a third more). Only for CPU targets, and the lane count is the target's: ``x86-64-v3``'s
@@ -68,6 +69,9 @@ def pad_output_channels(model: Any, lanes: int) -> Any:
 
     if lanes <= 1:
         return model
+    constants = _Constants(model.graph)
+    if not any(_padding(node, constants, lanes, sizes_only=True) for node in model.graph.node):
+        return model  # the usual case: no copy of the weights
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
@@ -95,7 +99,8 @@ def pad_output_channels(model: Any, lanes: int) -> Any:
             old = member.output[0]
             new = fresh_name(f"{old}_padded", taken)
             member.output[0] = new
-            gone.add(old)
+            if old != last:
+                gone.add(old)
             for reader in chain:
                 reader.input[:] = [new if name == old else name for name in reader.input]
         source = chain[-1].output[0] if chain else node.output[0]
@@ -109,8 +114,9 @@ def pad_output_channels(model: Any, lanes: int) -> Any:
     return copy
 
 
-def _padding(node: Any, values: _Constants, lanes: int) -> tuple[int, int, Any, Any] | None:
-    """(channels, padded, weight, bias) for a convolution worth padding, else None."""
+def _padding(node: Any, values: _Constants, lanes: int, sizes_only: bool = False) -> tuple | None:
+    """(channels, padded, weight, bias) for a convolution worth padding, else None; with
+    ``sizes_only``, (channels, padded), without making the weight's array."""
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
         return None
     if any(a.name == "group" and a.i != 1 for a in node.attribute):
@@ -118,6 +124,8 @@ def _padding(node: Any, values: _Constants, lanes: int) -> tuple[int, int, Any, 
     channels = values.leading_size(node.input[1])
     if channels is None or padded_channels(channels, lanes) == channels:
         return None
+    if sizes_only:
+        return channels, padded_channels(channels, lanes)
     weight = values.get(node.input[1])
     bias = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if weight is None or (len(node.input) > 2 and node.input[2] and bias is None):
@@ -137,7 +145,7 @@ def _chain(node: Any, consumers: dict, outputs: set[str]) -> list[Any]:
         reader = readers[0]
         if reader.op_type not in PER_CHANNEL or reader.input[0] != name or name in reader.input[1:]:
             return chain
-        if any(extra and consumers.get(extra) for extra in reader.output[1:]):
+        if any(extra and (consumers.get(extra) or extra in outputs) for extra in reader.output[1:]):
             return chain  # Dropout's mask or MaxPool's indices, read by someone
         chain.append(reader)
         current = reader

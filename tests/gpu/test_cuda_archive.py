@@ -130,7 +130,11 @@ def test_kernels_that_do_not_compile_fail_a_compile_only_build(tmp_path, monkeyp
     model = onnx.load(str(tiny_conv(tmp_path / "tiny.onnx")))
     model.graph.input[0].name = model.graph.node[0].input[0] = "in/x"
     onnx.save(model, str(tmp_path / "slash.onnx"))
-    monkeypatch.setattr(pack, "for_tvm", lambda model, sizes: model)  # the names as exported, into the kernels
+
+    def as_exported(model, sizes, target=None):  # the names as exported, into the kernels
+        return model
+
+    monkeypatch.setattr(pack, "for_tvm", as_exported)
     out = tmp_path / "out"
     options = BuildOptions(name="t", target=f"cuda:{ARCH}", cache_dir=str(tmp_path))
     with pytest.raises(ArchiveError, match=r"CUDA kernels of t batch N do not compile \(.*\): .*\(\d+\): error"):
