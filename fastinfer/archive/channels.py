@@ -229,7 +229,7 @@ class _Constants:
             array = self.get(name)  # a Constant node's value is inline and small
             return int(array.shape[0]) if array is not None and array.ndim else None
         shape = self.get(node.input[0])
-        return int(shape[0]) if shape is not None and shape.size else None
+        return int(shape[0]) if shape is not None and shape.size and shape[0] > 0 else None
 
     def get(self, name: str) -> Any:
         import numpy as np
@@ -244,7 +244,7 @@ class _Constants:
         if node.op_type == "Constant":
             return numpy_helper.to_array(attributes["value"].t) if "value" in attributes else None
         shape = self.get(node.input[0])
-        if shape is None:
-            return None
+        if shape is None or shape.ndim != 1 or (shape < 0).any():
+            return None  # not a shape: left to the frontend, which says what is wrong
         fill = numpy_helper.to_array(attributes["value"].t) if "value" in attributes else np.zeros(1, np.float32)
         return np.full(shape.astype(np.int64), fill.reshape(-1)[0], fill.dtype)
