@@ -40,7 +40,8 @@ def parse() -> argparse.Namespace:
         action="append",
         required=True,
         help="LABEL=DIR (repeatable); LABEL is a layout, or LAYOUT-anything; with the word 'unpadded' "
-        "(nhwc-unpadded) convolutions keep the model's channel counts",
+        "(nhwc-unpadded) convolutions keep the model's channel counts, with 'copied' concatenations "
+        "stay copies (not written in place)",
     )
     parser.add_argument("--mcpu", default="x86-64-v4")
     parser.add_argument("--num-cores", type=int, default=1)
@@ -50,10 +51,13 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def compiled(model: onnx.ModelProto, batch: int, layout: str, records: Path, spec: dict, padded: bool) -> tuple:
+def compiled(
+    model: onnx.ModelProto, batch: int, layout: str, records: Path, spec: dict, padded: bool, in_place: bool
+) -> tuple:
     """The Relax VM's ``main`` of ``model`` at ``batch`` in ``layout`` with ``records``' schedules,
     the model's task count, and how many of them the records miss. ``padded``: convolutions'
-    channels padded for ``spec`` as archives pad them, else as the model has them."""
+    channels padded for ``spec`` as archives pad them, else as the model has them; ``in_place``:
+    concatenations written in place by their inputs' kernels, as archives build them, else copies."""
     import tvm
     from tvm import relax
 
@@ -63,7 +67,7 @@ def compiled(model: onnx.ModelProto, batch: int, layout: str, records: Path, spe
     mod = tuning.pre_tuning(relax_module(model, batch, spec if padded else None), target, layout)
     database = tuning.load_database(records)
     tasks, missing = tuning.record_coverage(mod, target, database)
-    executable = relax.build(tuning.apply_records(mod, target, database), target=target)
+    executable = relax.build(tuning.apply_records(mod, target, database, in_place), target=target)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     return vm["main"], tasks, missing
 
@@ -112,8 +116,9 @@ def main() -> None:
         coverage = {}
         for layout, records in layouts.items():
             started = time.monotonic()
-            padded = "unpadded" not in layout.split("-")
-            main_fn, tasks, missing = compiled(model, batch, layout.split("-")[0], Path(records), spec, padded)
+            words = layout.split("-")
+            padded, in_place = "unpadded" not in words, "copied" not in words
+            main_fn, tasks, missing = compiled(model, batch, words[0], Path(records), spec, padded, in_place)
             data = tvm.runtime.tensor(x)
             out = main_fn(data)
             out = out if hasattr(out, "numpy") else out[0]  # one output, or a tuple of them

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 OPAQUE = 8  # relax's OpPatternKind.kOpaque
+MARK = "fastinfer.innermost_concat"  # what concat_in_place looks for
 
 
 def legalize(bb: Any, call: Any) -> Any:
@@ -67,8 +68,8 @@ def innermost_concat(shapes: list[list[int]], dtype: str, num_cores: int = 1) ->
             if num_cores > 1:
                 sch.parallel(pixels)
     # Scheduled, so no tuning task; opaque, so operator fusion leaves it whole (fusing would rebuild
-    # it unscheduled, and there is nothing to fuse into a copy).
-    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE})
+    # it unscheduled, and there is nothing to fuse into a copy); marked, for concat_in_place.
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "op_pattern": OPAQUE, MARK: True})
 
 
 def _joined_shape(shapes: list[list[int]]) -> list[int]:

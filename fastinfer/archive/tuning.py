@@ -425,13 +425,17 @@ def _make_rewriter() -> Any:
     return Rewriter
 
 
-def apply_records(mod: Any, target: Any, database: Any) -> Any:
-    """Apply the best schedules in ``database``, then prepack the weights (folded as constants)."""
+def apply_records(mod: Any, target: Any, database: Any, concats_in_place: bool = True) -> Any:
+    """Apply the best schedules in ``database``, then prepack the weights (folded as constants) and
+    let concatenations' inputs be written in place (:mod:`.concat_in_place`: after the schedules,
+    which it keeps; ``concats_in_place`` False leaves the copies, to compare)."""
     import tvm
     from tvm.relax import transform
 
+    from fastinfer.archive import concat_in_place
+
     with target, database:
-        return tvm.transform.Sequential(
+        mod = tvm.transform.Sequential(
             [
                 transform.MetaScheduleApplyDatabase(),
                 transform.SplitLayoutRewritePreproc(),
@@ -439,6 +443,7 @@ def apply_records(mod: Any, target: Any, database: Any) -> Any:
                 transform.FoldConstant(),
             ]
         )(mod)
+    return concat_in_place.write_in_place(mod) if concats_in_place else mod
 
 
 def load_database(records_dir: Path) -> Any:
