@@ -72,6 +72,8 @@ def tvm_group(name: str, shapes: list, channel_axis: int = 1) -> str:
         data, weight, out = shapes[0], shapes[1], shapes[-1]
         weights = math.prod(weight)
         channels_in, channels_out = data[channel_axis], out[channel_axis]
+        if name.endswith("_into_concat") and len(shapes) > 3:  # out is the whole concatenation: the bias tells
+            channels_out = math.prod(shapes[2])
         per_output = weights / channels_out  # input channels per group x kernel area
         if per_output % channels_in == 0:
             return conv_group(per_output / channels_in, False)
