@@ -55,33 +55,46 @@ def check_version(model: str, version: str | None) -> None:
         raise ModelNotFound(f"model {model!r} has no version {version!r}; it has version {MODEL_VERSION}")
 
 
-async def _copy_stream(
-    read_chunk: Callable[[], Awaitable[bytes]], view: memoryview, too_long: Callable[[], FastInferError]
-) -> int:
-    received = 0
+class Body:
+    """A request's payload as the chunks aiohttp received it in (bytes it makes anyway): nothing is
+    copied until the payload goes where it is used, a row of a batch or a buffer to parse."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.nbytes = 0
+
+    def copy_into(self, view: memoryview) -> None:
+        """Write the payload at the start of ``view``, which holds at least ``nbytes``."""
+        at = 0
+        for chunk in self.chunks:
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+
+
+async def _gather(
+    read_chunk: Callable[[], Awaitable[bytes]], limit: int, too_long: Callable[[], FastInferError]
+) -> Body:
+    body = Body()
     while chunk := await read_chunk():
-        if received + len(chunk) > len(view):
+        if body.nbytes + len(chunk) > limit:
             raise too_long()
-        view[received : received + len(chunk)] = chunk
-        received += len(chunk)
-    return received
+        body.chunks.append(chunk)
+        body.nbytes += len(chunk)
+    return body
 
 
-async def read_body_into(
-    request: web.Request, view: memoryview, too_long: Callable[[], FastInferError], timeout_s: float
-) -> int:
-    """Copy the payload (raw body, or the ``data``/``input0`` field of a form) into ``view``.
-
-    A client that has not sent it all within ``timeout_s`` gets RequestTimeout (408).
+async def read_body(request: web.Request, limit: int, too_long: Callable[[], FastInferError], timeout_s: float) -> Body:
+    """The payload (raw body, or the ``data``/``input0`` field of a form), at most ``limit`` bytes:
+    ``too_long()`` is raised past them, RequestTimeout (408) if it is not all in within ``timeout_s``.
     """
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read_body_into(request, view, too_long)
+            return await _read_body(request, limit, too_long)
     except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
 
 
-async def _read_body_into(request: web.Request, view: memoryview, too_long: Callable[[], FastInferError]) -> int:
+async def _read_body(request: web.Request, limit: int, too_long: Callable[[], FastInferError]) -> Body:
     if request.content_type.startswith("multipart/"):
         try:
             reader = await request.multipart()
@@ -89,10 +102,10 @@ async def _read_body_into(request: web.Request, view: memoryview, too_long: Call
             raise BadRequest(f"the multipart body cannot be read: {error}") from None
         while (part := await _next_part(reader)) is not None:
             if isinstance(part, BodyPartReader) and part.name in IMAGE_FIELDS:
-                return await _copy_stream(part.read_chunk, view, too_long)
+                return await _gather(part.read_chunk, limit, too_long)
             await part.release()
         raise BadRequest(f"the form has no field named {' or '.join(IMAGE_FIELDS)}")
-    if request.content_length is not None and request.content_length > len(view):
+    if request.content_length is not None and request.content_length > limit:
         raise too_long()
 
     content = request.content
@@ -106,7 +119,7 @@ async def _read_body_into(request: web.Request, view: memoryview, too_long: Call
             if chunk or not end_of_http_chunk or content.at_eof():
                 return chunk
 
-    return await _copy_stream(read_chunk, view, too_long)
+    return await _gather(read_chunk, limit, too_long)
 
 
 async def _next_part(reader: Any) -> Any:

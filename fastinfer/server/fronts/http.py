@@ -18,8 +18,7 @@ from fastinfer.errors import (
     FastInferError,
     PayloadTooLarge,
 )
-from fastinfer.protocol import aligned_buffer
-from fastinfer.server.admission import RETRY_AFTER_S, Counted, check_version, read_body_into, timeout_from
+from fastinfer.server.admission import RETRY_AFTER_S, Body, Counted, check_version, read_body, timeout_from
 from fastinfer.server.fronts.access import AccessLog, bearer_auth, guard_server
 from fastinfer.server.fronts.jsonbody import json_response
 from fastinfer.server.fronts.jsonerrors import errors_as_json
@@ -67,10 +66,12 @@ class InferenceRoutes:
         try:
             view = row.payload_view()
             try:
-                view[: len(body)] = body
+                if body.nbytes > len(view):
+                    raise PayloadTooLarge(f"the body is {body.nbytes} bytes; a slot holds {len(view)}")
+                body.copy_into(view)  # the one copy: from the chunks aiohttp received into the row
             finally:
                 view.release()
-            row.filled(len(body))
+            row.filled(body.nbytes)
             result = await row.result()
             if signature.top_k and result.classes is not None:
                 return json_response(result.classes)
@@ -82,8 +83,8 @@ class InferenceRoutes:
         finally:
             row.release()
 
-    async def _receive(self, request: web.Request, signature: ModelSignature) -> memoryview:
-        """The body (an image, or one sample's bytes), received into memory of the request's own."""
+    async def _receive(self, request: web.Request, signature: ModelSignature) -> Body:
+        """The body (an image, or one sample's bytes), received whole into memory of the request's own."""
         limit = self.config.max_body_bytes
         sample = 0 if signature.takes_images else sum(spec.nbytes for spec in signature.inputs)
         too_long: Callable[[], FastInferError]
@@ -93,16 +94,15 @@ class InferenceRoutes:
             size, too_long = sample, lambda: BadRequest(f"the body is longer than the {sample} bytes the model takes")
         if request.content_length is not None:
             size = min(size, request.content_length)  # one too long is refused before a byte is read
-        buffer = aligned_buffer(size)  # pages are committed as bytes arrive
-        nbytes = await read_body_into(request, buffer, too_long, self.config.body_timeout_s)
-        if signature.takes_images and not nbytes:
+        body = await read_body(request, size, too_long, self.config.body_timeout_s)
+        if signature.takes_images and not body.nbytes:
             raise BadImage("the body is empty; send the encoded image bytes")
-        if not signature.takes_images and nbytes != sample:
+        if not signature.takes_images and body.nbytes != sample:
             spec = signature.inputs[0]
             raise BadRequest(
-                f"input {spec.name!r} is {spec.dtype} {list(spec.shape)}, {sample} bytes; the body has {nbytes}"
+                f"input {spec.name!r} is {spec.dtype} {list(spec.shape)}, {sample} bytes; the body has {body.nbytes}"
             )
-        return buffer[:nbytes]
+        return body
 
 
 def inference_app(
