@@ -2,7 +2,7 @@
 
 A SqueezeNet fire module (an Inception block alike) concatenates the outputs of two convolutions,
 and the concatenation is one more kernel that reads every element and writes it again: SqueezeNet
-1.0's eight took 4% of its time on one core, as long as all its pooling. Once the tuned schedules
+1.0's eight took 4% of its time on one core, more than all its pooling. Once the tuned schedules
 are applied, each producer's kernel gets a twin whose output parameter is the whole concatenation
 and whose writes go through a strided view of its own slice: the first twin allocates the output
 (``call_tir``), the others write into it in place (``call_tir_inplace``), and the copy is gone.
