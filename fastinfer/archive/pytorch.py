@@ -512,8 +512,7 @@ def _verify(
                     )
                 if not b.size:
                     continue
-                scale = max(float(np.abs(b).max()), 1e-6)
-                errors = np.abs(a.astype(np.float64) - b.astype(np.float64)) / scale
+                errors = pack.relative_errors(a, b)
                 index = np.unravel_index(int(np.argmax(errors)), errors.shape)
                 if errors[index] > worst or not where:
                     worst = float(errors[index])

@@ -221,6 +221,27 @@ def test_disagreeing_build_is_refused(tmp_path, monkeypatch):
     build_fails(tmp_path, tiny_model(tmp_path / "m.onnx"), "disagrees with")
 
 
+def test_a_build_that_computes_nan_is_refused(tmp_path, monkeypatch):
+    # A NaN difference slips past max() and ">": such a build was verified with error 0.
+    from fastinfer.archive import pack
+
+    real = pack._run_library
+    monkeypatch.setattr(pack, "_run_library", lambda *a: [np.full_like(x, np.nan) for x in real(*a)])
+    build_fails(tmp_path, tiny_model(tmp_path / "m.onnx"), "disagrees with")
+
+
+def test_relative_errors_count_nan_and_infinities_only_where_they_differ():
+    from fastinfer.archive.pack import relative_errors
+
+    expected = np.array([1.0, -2.0, np.inf, np.nan, 4.0], np.float32)
+    same = relative_errors(expected.copy(), expected)
+    np.testing.assert_array_equal(same, np.zeros(5))  # equal infinities and NaN where the reference has NaN
+    got = np.array([1.0, -2.0, 3.0, 0.0, np.nan], np.float32)
+    errors = relative_errors(got, expected)
+    assert errors[0] == errors[1] == 0.0 and np.isinf(errors[2:]).all()
+    np.testing.assert_allclose(relative_errors(np.array([1.5, 0.0]), np.array([1.0, 4.0])), [0.125, 1.0])
+
+
 @pytest.fixture
 def small_archive(tmp_path) -> Path:
     output = tmp_path / "tiny.fia"

@@ -131,3 +131,21 @@ def test_a_twin_writes_its_slice_and_nothing_else():
     out = whole.numpy()
     np.testing.assert_array_equal(out[..., 6:15], np.concatenate([a, b], axis=-1))
     assert np.isnan(out[..., :6]).all() and np.isnan(out[..., 15:]).all()
+
+
+def test_a_tuned_archive_writes_in_place_and_is_verified_at_each_batch_size(tmp_path):
+    """End to end: ``--stored-records-only`` takes the tuned build's path (records applied, then the
+    rewrite; tasks without a record keep default schedules; NHWC forced, as no record decides it),
+    and the archive is written only once each batch size agrees with ONNX Runtime."""
+    import onnx
+
+    from fastinfer import cli
+    from fastinfer.archive.load import load
+
+    onnx.save(branches_model([24, 7, 40]), str(tmp_path / "branches.onnx"))
+    archive = tmp_path / "branches.fia"
+    build = ["archive", str(tmp_path / "branches.onnx"), "--name", "branches", "--batch-sizes", "1,3"]
+    build += ["--stored-records-only", "--layout", "nhwc", "--cache-dir", str(tmp_path / "cache"), "-o", str(archive)]
+    assert cli.main([*build, "--target", '{"kind": "llvm", "num-cores": 1}']) == 0
+    manifest = load(archive, tmp_path / "cache").manifest
+    assert manifest.build["verified"]
