@@ -44,6 +44,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import MODELS, onnx_source, tuned_archive
 
+from fastinfer.archive.concat_in_place import TWIN_SUFFIX
+
 WARM_UP_RUNS = 3
 LAYOUT = (
     *("concatenate", "reshape", "transpose", "layout_transform", "pad", "squeeze", "expand_dims", "flatten"),
@@ -72,7 +74,7 @@ def tvm_group(name: str, shapes: list, channel_axis: int = 1) -> str:
         data, weight, out = shapes[0], shapes[1], shapes[-1]
         weights = math.prod(weight)
         channels_in, channels_out = data[channel_axis], out[channel_axis]
-        if name.endswith("_into_concat") and len(shapes) > 3:  # out is the whole concatenation: the bias tells
+        if name.endswith(TWIN_SUFFIX) and len(shapes) > 3:  # out is the whole concatenation: the bias tells
             channels_out = math.prod(shapes[2])
         per_output = weights / channels_out  # input channels per group x kernel area
         if per_output % channels_in == 0:

@@ -20,7 +20,9 @@ import math
 import re
 from typing import Any
 
-from fastinfer.archive.concat import MARK
+from fastinfer.archive.concat import MARK, _static_shape
+
+TWIN_SUFFIX = "_into_concat"  # a twin's name: its kernel's, then this
 
 
 def write_in_place(mod: Any) -> Any:
@@ -45,7 +47,8 @@ def write_in_place(mod: Any) -> Any:
 
 def _twins(mod: Any, var: Any, producers: list, made: dict) -> list | None:
     """Each producer's twin (made once per kernel, shape and offset), or None where a kernel has none."""
-    full = [int(d) for d in var.ty.shape]
+    full = _static_shape(var)
+    assert full is not None  # the concatenation of static shapes concat.legalize marked
     axis, offset, twins = len(full) - 1, 0, []
     for producer in producers:
         kernel = producer.value.args[0]
@@ -128,10 +131,7 @@ def _is_marked_concat(mod: Any, value: Any) -> bool:
 
 def _single_output_kernel(binding: Any) -> bool:
     """A binding ``call_tir(kernel, (args...))`` of one static-shape tensor."""
-    if not _is_call_tir(binding.value) or len(binding.value.args) != 2:
-        return False
-    shape = getattr(binding.var.ty, "shape", None)
-    return shape is not None and all(hasattr(d, "value") or isinstance(d, int) for d in shape)
+    return _is_call_tir(binding.value) and len(binding.value.args) == 2 and bool(_static_shape(binding.var))
 
 
 def _is_call_tir(value: Any) -> bool:
@@ -170,7 +170,7 @@ def _make_rewriter() -> Any:
 
         def _added(self, twin: Any, name: str) -> Any:
             if id(twin) not in self.added:
-                self.added[id(twin)] = self.builder_.add_func(twin, f"{name}_into_concat")
+                self.added[id(twin)] = self.builder_.add_func(twin, name + TWIN_SUFFIX)
             return self.added[id(twin)]
 
     return Rewriter
