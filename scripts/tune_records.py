@@ -26,6 +26,11 @@ A search can start from records tuned for another core count (a schedule replays
 for several cores reads the one-core records for the tasks its own folder lacks, so the all-core
 NHWC records of ``x86-64-v4`` were searched from the one-core ones (``--seed DIR --num-cores 2``,
 then ``--num-cores 2 --layout nhwc --retune``); only the records that changed ship in ``<level>/``.
+A task the search left to the one-core record keeps it there, and a one-core schedule may have no
+loop to split across cores: ``--fallbacks-only`` searches again just the tasks ``<level>/`` has no record of::
+
+    nice -n 19 python scripts/tune_records.py --mcpu x86-64-v4 --num-cores 2 --layout nhwc --retune \\
+        --fallbacks-only --trials 48 --total 300 --out DIR2 resnet50:1 resnet50:8
 
 A run interrupted (Ctrl-C, or killed) keeps what it measured: run it again to go on.
 """
@@ -36,6 +41,7 @@ import argparse
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -69,6 +75,17 @@ def relax_module(model: onnx.ModelProto, batch: int, target: dict | None) -> obj
     return from_onnx(with_batch(for_tvm(model, [batch], target), batch), keep_params_in_input=False)
 
 
+def tasks_to_search(args: argparse.Namespace, spec: dict) -> Callable[[object], bool] | None:
+    """The predicate on workloads that ``tuning.tune(only=...)`` takes for these flags (None: all)."""
+    from fastinfer.archive import shipped, tuning
+
+    kind = tuning.depthwise if args.depthwise_only else tuning.pointwise if args.pointwise_only else None
+    if not args.fallbacks_only:
+        return kind
+    recorded = shipped.recorded_by_own_folder(spec)
+    return lambda workload: not recorded(workload) and (kind is None or kind(workload))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -88,6 +105,12 @@ def main() -> None:
         help="search only the depthwise convolutions (the search's scheduler gives them little of a budget)",
     )
     kinds.add_argument("--pointwise-only", action="store_true", help="search only the 1x1 convolutions")
+    parser.add_argument(
+        "--fallbacks-only",
+        action="store_true",
+        help="search only the tasks the records shipped for this core count lack (a build takes those "
+        "from the other core count's records; with any kind above, only that kind's)",
+    )
     parser.add_argument("--out", required=True, help="records folder (merged into when it exists)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "fastinfer-tune-cache"))
     args = parser.parse_args()
@@ -99,6 +122,7 @@ def main() -> None:
 
     spec = {"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores}
     target = tvm.target.Target(spec)
+    only = tasks_to_search(args, spec)
     for name, batch in args.models:
         model = onnx.load(model_path(name, args.cache_dir))
         mod = tuning.pre_tuning(relax_module(model, batch, spec), target, args.layout)
@@ -110,9 +134,9 @@ def main() -> None:
             args.trials,
             label=f"{name}:{batch}",
             total_trials=args.total,
-            retune=args.retune,
+            retune=args.retune or args.fallbacks_only,  # the seeded folder holds them all
             time_budget_s=budget,
-            only=tuning.depthwise if args.depthwise_only else tuning.pointwise if args.pointwise_only else None,
+            only=only,
         )
 
 

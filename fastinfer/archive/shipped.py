@@ -13,7 +13,9 @@ import gzip
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastinfer.archive import tuning
 
@@ -44,6 +46,25 @@ def folders_for(target: dict) -> list[Path]:
     level = SHIPPED_RECORDS / target["mcpu"]
     folders = [level / "1-core", level] if one_core(target) else [level, level / "1-core"]
     return [folder for folder in folders if (folder / f"{tuning.RECORDS_FILE}.gz").exists()]
+
+
+def recorded_by_own_folder(target: dict) -> Callable[[Any], bool]:
+    """Whether the folder shipped for ``target``'s core count (:func:`own_folder`) holds a record of a
+    workload (an IRModule); none does when that folder does not ship.
+
+    A build takes the others from the other core count's folder: a one-core schedule whose outer
+    tiles are all 1 has no loop to split, and runs on one of two cores (ResNet-50's 14x14 3x3
+    convolution, a fifth of the model, took as long on two threads as on one;
+    ``scripts/tune_records.py --fallbacks-only`` searches those tasks for the core count).
+    """
+    folder = own_folder(target)
+    if not (folder / f"{tuning.RECORDS_FILE}.gz").exists():
+        return lambda workload: False
+    with tempfile.TemporaryDirectory(prefix="fastinfer-shipped-") as plain:
+        for name in FILES:
+            (Path(plain) / name).write_bytes(gzip.decompress((folder / f"{name}.gz").read_bytes()))
+        database = tuning.load_database(Path(plain))  # read whole here; asked in memory after
+    return database.has_workload
 
 
 def best_folder(target: dict) -> Path | None:

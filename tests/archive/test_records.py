@@ -160,6 +160,25 @@ def test_records_of_another_core_count_fill_only_the_gaps(tmp_path):
     assert all(merged[key] == other[key] for key in other.keys() - own.keys())
 
 
+def test_the_tasks_a_build_takes_from_the_other_core_counts_records_are_told_apart(tmp_path, monkeypatch):
+    """``scripts/tune_records.py --fallbacks-only`` searches what the folder for a core count lacks: a
+    workload of the level's several-core records is recorded there, one only the one-core folder holds
+    is not, and with no folder for the core count nothing is."""
+    several, one = tmp_path / "several", tmp_path / "one"
+    shipped_copy(several)
+    shipped_copy(one, SHIPPED / "1-core")
+    own = {r.workload.mod for r in tuning.load_database(several).get_all_tuning_records()}
+    other = tuning.load_database(one).get_all_tuning_records()
+    recorded = shipped.recorded_by_own_folder({"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": 2})
+    assert all(recorded(workload) for workload in own)
+    fallbacks = [r.workload.mod for r in other if not recorded(r.workload.mod)]
+    assert 0 < len(fallbacks) < len(other)  # the one-core folder holds both kinds
+
+    monkeypatch.setattr(shipped, "SHIPPED_RECORDS", tmp_path)  # no folder for x86-64-v4 at all
+    nowhere = shipped.recorded_by_own_folder({"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": 2})
+    assert not any(nowhere(workload) for workload in own)
+
+
 def retargeted(record, target):
     """``record``'s schedule, as a search for ``target`` would have found it."""
     from tvm.s_tir import meta_schedule as ms
