@@ -82,7 +82,7 @@ def _innermost_operands(bb: Any, call: Any) -> tuple[list, list[list[int]], str]
     fields = _fields(bb, call.args[0])
     if not fields:
         return None
-    shapes = [_static_shape(field) for field in fields]
+    shapes = [static_shape(field) for field in fields]
     dtypes = {field.ty.dtype for field in fields}
     known = [shape for shape in shapes if shape and 0 not in shape]  # static, not a scalar, not empty
     if len(known) != len(fields) or len(dtypes) != 1:
@@ -106,7 +106,7 @@ def _fields(bb: Any, tuple_expr: Any) -> list | None:
     return list(tuple_expr.fields) if isinstance(tuple_expr, relax.Tuple) else None
 
 
-def _static_shape(expr: Any) -> list[int] | None:
+def static_shape(expr: Any) -> list[int] | None:
     shape = getattr(expr.ty, "shape", None)
     if shape is None or not all(isinstance(d, int) or hasattr(d, "value") for d in shape):
         return None

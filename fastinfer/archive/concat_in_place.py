@@ -20,7 +20,7 @@ import math
 import re
 from typing import Any
 
-from fastinfer.archive.concat import MARK, _static_shape
+from fastinfer.archive.concat import MARK, static_shape
 
 TWIN_SUFFIX = "_into_concat"  # a twin's name: its kernel's, then this
 
@@ -47,7 +47,7 @@ def write_in_place(mod: Any) -> Any:
 
 def _twins(mod: Any, var: Any, producers: list, made: dict) -> list | None:
     """Each producer's twin (made once per kernel, shape and offset), or None where a kernel has none."""
-    full = _static_shape(var)
+    full = static_shape(var)
     assert full is not None  # the concatenation of static shapes concat.legalize marked
     axis, offset, twins = len(full) - 1, 0, []
     for producer in producers:
@@ -131,7 +131,7 @@ def _is_marked_concat(mod: Any, value: Any) -> bool:
 
 def _single_output_kernel(binding: Any) -> bool:
     """A binding ``call_tir(kernel, (args...))`` of one static-shape tensor."""
-    return _is_call_tir(binding.value) and len(binding.value.args) == 2 and bool(_static_shape(binding.var))
+    return _is_call_tir(binding.value) and len(binding.value.args) == 2 and bool(static_shape(binding.var))
 
 
 def _is_call_tir(value: Any) -> bool:

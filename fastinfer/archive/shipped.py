@@ -61,8 +61,7 @@ def recorded_by_own_folder(target: dict) -> Callable[[Any], bool]:
     if not (folder / f"{tuning.RECORDS_FILE}.gz").exists():
         return lambda workload: False
     with tempfile.TemporaryDirectory(prefix="fastinfer-shipped-") as plain:
-        for name in FILES:
-            (Path(plain) / name).write_bytes(gzip.decompress((folder / f"{name}.gz").read_bytes()))
+        _decompress(folder, Path(plain))
         database = tuning.load_database(Path(plain))  # read whole here; asked in memory after
     return database.has_workload
 
@@ -104,12 +103,17 @@ def unpack(folders: list[Path], records: Path) -> None:
     for shipped in folders:
         unpacked = Path(tempfile.mkdtemp(prefix=".shipped-", dir=records))
         try:
-            for name in FILES:
-                (unpacked / name).write_bytes(gzip.decompress((shipped / f"{name}.gz").read_bytes()))
+            _decompress(shipped, unpacked)
             add = tuning.merge if shipped == folders[0] else tuning.fill_gaps
             add(unpacked, records)
         finally:
             shutil.rmtree(unpacked, ignore_errors=True)
+
+
+def _decompress(folder: Path, plain: Path) -> None:
+    """A shipped folder's gzipped database, as the plain JSON files MetaSchedule reads, in ``plain``."""
+    for name in FILES:
+        (plain / name).write_bytes(gzip.decompress((folder / f"{name}.gz").read_bytes()))
 
 
 def put_found(target: dict, searched: list[Path]) -> int:
