@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -93,7 +94,7 @@ def main() -> None:
     )
     parser.add_argument("--mcpu", default="x86-64-v4")
     parser.add_argument("--num-cores", type=int, default=os.cpu_count())
-    parser.add_argument("--trials", type=int, default=8, help="trials per task")
+    parser.add_argument("--trials", type=int, default=8, help="trials per task (0: no search, with --lift)")
     parser.add_argument("--total", type=int, help="trials in all per model (the scheduler picks the tasks)")
     parser.add_argument("--tune-time", type=float, help="minutes per model; the search stops after that")
     parser.add_argument("--layout", default="nchw", help="convolution layout: nchw (the model's) or nhwc")
@@ -111,6 +112,12 @@ def main() -> None:
         help="search only the tasks the records shipped for this core count lack (a build takes those "
         "from the other core count's records; with any kind above, only that kind's)",
     )
+    parser.add_argument(
+        "--lift",
+        action="store_true",
+        help="before searching NAME:BATCH (BATCH > 1), try the batch-1 records in --out at that batch, each "
+        "image computed as batch 1 computes it; the faster of that and the batch's own record stays",
+    )
     parser.add_argument("--out", required=True, help="records folder (merged into when it exists)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "fastinfer-tune-cache"))
     args = parser.parse_args()
@@ -118,7 +125,7 @@ def main() -> None:
 
     import tvm
 
-    from fastinfer.archive import tuning
+    from fastinfer.archive import lift, tuning
 
     spec = {"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores}
     target = tvm.target.Target(spec)
@@ -126,6 +133,12 @@ def main() -> None:
     for name, batch in args.models:
         model = onnx.load(model_path(name, args.cache_dir))
         mod = tuning.pre_tuning(relax_module(model, batch, spec), target, args.layout)
+        if args.lift and batch > 1:
+            one = tuning.pre_tuning(relax_module(model, 1, spec), target, args.layout)
+            kept = lift.lift(one, mod, batch, target, Path(args.out), sys.stderr)
+            print(f"{name}:{batch}: {kept} records from batch 1's schedules", file=sys.stderr, flush=True)
+        if args.trials < 1:
+            continue
         budget = args.tune_time * 60 if args.tune_time else None
         tuning.tune(
             [mod],

@@ -89,6 +89,12 @@ def _make_builder_class() -> Any:
     return KeptAliveBuilder
 
 
+def make_builder(workers: int | None = None, build_timeout_s: float = 60.0) -> Any:
+    """A MetaSchedule builder with ``workers`` processes (default: one per core) kept alive until
+    its ``close()``."""
+    return _make_builder_class()(max_workers=workers or os.cpu_count() or 1, timeout_sec=build_timeout_s)
+
+
 def _make_stoppable_search(inner: Any, stop: Stop) -> Any:
     """``inner`` (a search strategy) that stops proposing candidates once ``stop`` says so.
 
@@ -551,7 +557,7 @@ def tune(
                 terminal=terminal,
                 started=started,
             )
-            builder = _make_builder_class()(max_workers=workers, timeout_sec=build_timeout_s)
+            builder = make_builder(workers, build_timeout_s)
             runner = ms.runner.LocalRunner(timeout_sec=30.0, initializer=_ignore_interrupts)
             for name in (WORKLOADS_FILE, RECORDS_FILE):  # the search starts from the best schedules known
                 shutil.copyfile(records_dir / name, work / name)
@@ -839,7 +845,7 @@ def merge(source_dir: Path, records_dir: Path, time_rivals_on: TextIO | None = N
                 load_database(source_dir).get_all_tuning_records(),
                 limit=1,
             )
-            builder = _make_builder_class()(max_workers=os.cpu_count() or 1, timeout_sec=60.0) if contending else None
+            builder = make_builder() if contending else None
             try:
                 settled = remeasure.settle(contending, builder, time_rivals_on)
             finally:
@@ -892,10 +898,16 @@ def overlay_found(records_dir: Path, seed_dir: Path, searched: list[Path], mcpu:
         if tuned_for.get("mcpu") != mcpu or (tuned_for.get("num-cores") == 1) != one_core:
             cores = "one core" if one_core else "several cores"
             raise ValueError(f"a record was tuned for {record.target}, not {mcpu} on {cores}")
-    if found:
-        with _records_locked(records_dir):
-            _merge_into(records_dir, [records_dir], found)
+    replace_records(records_dir, found)
     return len(found)
+
+
+def replace_records(records_dir: Path, chosen: dict) -> None:
+    """Put ``chosen`` (records by workload key) into ``records_dir`` in place of what it holds for
+    those workloads; its other records stay as they are."""
+    if chosen:
+        with _records_locked(records_dir):
+            _merge_into(records_dir, [records_dir], chosen)
 
 
 def _merge_into(records_dir: Path, sources: list[Path], settled: dict | None = None) -> None:
