@@ -34,13 +34,16 @@ def lifted(trace: Any, batch: int) -> Any | None:
     return None
 
 
-def lift(mod_one: Any, mod_batch: Any, batch: int, target: Any, records_dir: Path, stream: TextIO) -> int:
+def lift(
+    mod_one: Any, mod_batch: Any, batch: int, target: Any, records_dir: Path, stream: TextIO, builder: Any = None
+) -> int:
     """Try the records in ``records_dir`` of ``mod_one``'s tasks (a model at batch 1) on the same
     tasks of ``mod_batch`` (the model at ``batch``; both through :func:`tuning.pre_tuning`): where the
     lifted schedule runs faster here than the task's batch-``batch`` record, or the task has none, it
     becomes the record. Tasks pair by name: the same graph at two batch sizes fuses into the same
     kernels, and a pair whose lifted schedule does not apply is left out. Returns how many records
-    lifted schedules replaced or added."""
+    lifted schedules replaced or added. ``builder`` builds the schedules timed (default: a
+    :func:`tuning.make_builder`, closed after)."""
     from tvm.s_tir import meta_schedule as ms
 
     database = tuning.load_database(records_dir)
@@ -52,12 +55,14 @@ def lift(mod_one: Any, mod_batch: Any, batch: int, target: Any, records_dir: Pat
         workload = task.dispatched[0]
         one = _best(database, ones.get(task.task_name))
         trace = lifted(one.trace, batch) if one is not None else None
-        if trace is None or not _applies(trace, workload):
+        scheduled = _applied(trace, workload) if trace is not None else None
+        if scheduled is None:
             continue
         own = _best(database, workload)
         if own is not None and str(own.trace) == str(trace):
             continue  # lifted before, and kept
-        args = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+        # the arguments of the scheduled kernel: weights in the layout the schedule rewrote them to
+        args = ms.arg_info.ArgInfo.from_entry_func(scheduled, remove_preproc=True)
         candidate = ms.database.TuningRecord(trace, workloads.commit_workload(workload), None, target, args)
         key = remeasure.workload_key(candidate)
         contending[key] = [candidate] if own is None else [own, candidate]
@@ -65,11 +70,13 @@ def lift(mod_one: Any, mod_batch: Any, batch: int, target: Any, records_dir: Pat
     if not contending:
         return 0
     print(f"trying {len(contending)} batch-1 schedules at batch {batch}", file=stream, flush=True)
-    builder = tuning.make_builder()
+    own_builder = builder is None
+    builder = tuning.make_builder() if own_builder else builder
     try:
         winners = remeasure.settle(contending, builder, stream)
     finally:
-        builder.close()
+        if own_builder:
+            builder.close()
     tuning.replace_records(records_dir, winners)
     return sum(1 for key, record in winners.items() if str(record.trace) == lifted_traces[key])
 
@@ -81,11 +88,13 @@ def _best(database: Any, workload: Any | None) -> Any | None:
     return top[0] if top else None
 
 
-def _applies(trace: Any, workload: Any) -> bool:
+def _applied(trace: Any, workload: Any) -> Any | None:
+    """``workload`` scheduled by ``trace``; None where the trace does not apply to it."""
     from tvm import s_tir
 
+    sch = s_tir.Schedule(workload)
     try:
-        trace.apply_to_schedule(s_tir.Schedule(workload), remove_postproc=False)
+        trace.apply_to_schedule(sch, remove_postproc=False)
     except Exception:  # TVM's own errors: a factor that does not divide, a loop that is not there
-        return False
-    return True
+        return None
+    return sch.mod

@@ -9,9 +9,6 @@ other's; timed again in turns, the faster schedule wins, with its new timings.
 from __future__ import annotations
 
 import io
-import tempfile
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -23,19 +20,6 @@ from tvm.s_tir import meta_schedule as ms  # noqa: E402
 from fastinfer.archive import remeasure, tuning  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 1})
-
-
-class InProcessBuilder:
-    """The tuner's builder's contract (BuilderInput in, artifact paths out), in this process."""
-
-    def build(self, inputs: list) -> list:
-        results = []
-        for item in inputs:
-            folder = Path(tempfile.mkdtemp(prefix="remeasure-test-"))
-            path = folder / "built.so"
-            tvm.compile(item.mod, target=item.target).export_library(str(path))
-            results.append(SimpleNamespace(artifact_path=str(path)))
-        return results
 
 
 def matmul_schedules():
@@ -58,7 +42,7 @@ def record(database, mod, trace, seconds):
     return ms.database.TuningRecord(trace, workload, [seconds], TARGET, args)
 
 
-def test_the_faster_schedule_wins_over_a_lucky_figure():
+def test_the_faster_schedule_wins_over_a_lucky_figure(in_process_builder):
     mod, naive, rows = matmul_schedules()
     database = ms.database.MemoryDatabase()
     kept = record(database, mod, naive, 1e-6)  # its figure: a quiet moment, or a wrong one
@@ -70,27 +54,27 @@ def test_the_faster_schedule_wins_over_a_lucky_figure():
     assert len(contending[remeasure.workload_key(kept)]) == 2  # the failed one and the duplicate are out
 
     stream = io.StringIO()
-    winners = remeasure.settle(contending, InProcessBuilder(), stream)
+    winners = remeasure.settle(contending, in_process_builder, stream)
     winner = winners[remeasure.workload_key(kept)]
     assert str(winner.trace.as_json()) == str(rows.as_json())
     assert len(winner.run_secs) == remeasure.ROUNDS and 0 < remeasure.mean_s(winner) < 1
     assert "timing the best schedules of 1 tasks again" in stream.getvalue()
 
 
-def test_nothing_to_settle_where_the_search_found_nothing_new():
+def test_nothing_to_settle_where_the_search_found_nothing_new(in_process_builder):
     mod, naive, rows = matmul_schedules()
     database = ms.database.MemoryDatabase()
     kept = record(database, mod, naive, 1e-3)
     assert remeasure.contenders([kept], [kept]) == {}  # the scratch's copy of the kept record
     assert remeasure.contenders([], [record(database, mod, rows, 1e-3)]) == {}  # a task's first record
-    assert remeasure.settle({}, InProcessBuilder(), io.StringIO()) == {}
+    assert remeasure.settle({}, in_process_builder, io.StringIO()) == {}
 
 
-def test_a_stop_leaves_the_rest_to_the_search(tmp_path):
+def test_a_stop_leaves_the_rest_to_the_search(in_process_builder):
     mod, naive, rows = matmul_schedules()
     database = ms.database.MemoryDatabase()
     contending = remeasure.contenders([record(database, mod, naive, 1e-6)], [record(database, mod, rows, 1e-3)])
-    assert remeasure.settle(contending, InProcessBuilder(), io.StringIO(), stopped=lambda: True) == {}
+    assert remeasure.settle(contending, in_process_builder, io.StringIO(), stopped=lambda: True) == {}
 
 
 def test_the_merge_keeps_the_settled_record_over_a_lower_figure(tmp_path):
