@@ -32,6 +32,14 @@ loop to split across cores: ``--fallbacks-only`` searches again just the tasks `
     nice -n 19 python scripts/tune_records.py --mcpu x86-64-v4 --num-cores 2 --layout nhwc --retune \\
         --fallbacks-only --trials 48 --total 300 --out DIR2 resnet50:1 resnet50:8
 
+A search at batch 8 seldom finds the schedule that computes one image after another, which keeps
+one image's working set in the caches; ``--lift`` first tries each task's batch-1 record with its
+batch loop outermost, beside the batch's own record, and keeps the faster (``--trials 0``: only
+that, no search)::
+
+    TVM_NUM_THREADS=1 python scripts/tune_records.py --mcpu x86-64-v4 --num-cores 1 --layout nhwc --lift \\
+        --trials 0 --out DIR1 efficientnet:8
+
 A run interrupted (Ctrl-C, or killed) keeps what it measured: run it again to go on.
 """
 

@@ -206,6 +206,7 @@ def tune_onnx(onnx_path: str | Path, options: TuneOptions) -> tuple[Path, int]:
             total_trials=options.total_trials,
             retune=options.retune,
             time_budget_s=options.time_budget_s,
+            batch_sizes=[size for size in sizes if size is not None],  # tuned: every size is a number
         )
     except Exception as error:  # what was measured is in the records already
         raise ArchiveError(f"tuning failed: {error}; the records measured so far are kept in {records}") from error

@@ -498,6 +498,7 @@ def tune(
     clock: Callable[[], float] = time.monotonic,
     terminal: bool | None = None,
     only: Callable[[Any], bool] | None = None,
+    batch_sizes: list[int] | None = None,
 ) -> int:
     """Tune the tasks of ``mods`` missing from the database in ``records_dir``; keep the best of each.
 
@@ -512,6 +513,9 @@ def tune(
     ``terminal`` forces the progress display's mode (default: whether ``stream`` is a terminal).
     ``only`` keeps the tasks whose workload (an IRModule) it holds true for, to spend a budget on
     some kinds of kernel (:func:`depthwise`, :func:`pointwise`; ``scripts/tune_records.py --depthwise-only``).
+    ``batch_sizes``, the batch size of each of ``mods``: where one is 1, a search that ran to its end
+    tries the batch-1 schedules at the larger batches too (:mod:`.lift`), for the search seldom
+    finds a schedule that computes one image after another.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -587,7 +591,22 @@ def tune(
             if progress is not None:
                 ending = f"stopped: {stop.reason}" if stop.reason else "done"
                 progress.finish(f"{ending}; records in {records_dir}")
+    if batch_sizes and 1 in batch_sizes and not stop.requested():
+        _lift_batch_one(mods, batch_sizes, target, records_dir, stream)
     return len(missing)
+
+
+def _lift_batch_one(mods: list, batch_sizes: list[int], target: Any, records_dir: Path, stream: TextIO) -> None:
+    from fastinfer.archive import lift
+
+    one = mods[batch_sizes.index(1)]
+    builder = make_builder()
+    try:
+        for mod, batch in zip(mods, batch_sizes, strict=True):
+            if batch > 1:
+                lift.lift(one, mod, batch, target, records_dir, stream, builder)
+    finally:
+        builder.close()
 
 
 @contextlib.contextmanager

@@ -148,3 +148,24 @@ def test_lift_records_batch_ones_schedules_for_the_batch_and_the_model_stays_rig
     np.testing.assert_allclose(output, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
     assert lift.lift(one, three, 3, TARGET, records, io.StringIO()) == 0  # lifted already: nothing to try
+
+
+def test_a_search_that_ran_to_its_end_tries_the_batch_one_schedules_at_larger_batches(
+    tmp_path, monkeypatch, in_process_builder
+):
+    """``fastinfer tune`` of several batch sizes (``tuning.tune(batch_sizes=...)``) lifts after its
+    search, unless the search stopped early (its time budget, Ctrl-C). The search itself is left out."""
+    model = small_model()
+    one, three = at_batch(model, 1), at_batch(model, 3)
+    lifted_to = []
+    monkeypatch.setattr(ms.tune, "tune_tasks", lambda **kwargs: None)
+    monkeypatch.setattr(tuning, "make_builder", lambda *args: in_process_builder)
+    monkeypatch.setattr(lift, "lift", lambda one, mod, batch, *args: lifted_to.append(batch) or 0)
+
+    tuning.tune([one, three], TARGET, tmp_path / "records", 4, stream=io.StringIO(), batch_sizes=[1, 3])
+    assert lifted_to == [3]
+
+    lifted_to.clear()
+    budget_spent = {"time_budget_s": 0.0, "clock": lambda: 0.0}
+    tuning.tune([one, three], TARGET, tmp_path / "other", 4, stream=io.StringIO(), batch_sizes=[1, 3], **budget_spent)
+    assert lifted_to == []
