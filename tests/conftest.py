@@ -1,4 +1,5 @@
-"""Shared fixtures: both event loops, a compiled-model cache shared by the session, test photos."""
+"""Shared fixtures: both event loops, a compiled-model cache shared by the session, test photos, a
+tuning builder in the test's own process."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -86,3 +88,24 @@ def light_input(model: onnx.ModelProto) -> np.ndarray:
 def expected_output(name: str) -> np.ndarray:
     """The output shipped beside ``light_{name}.onnx``."""
     return numpy_helper.to_array(TensorProto.FromString((LIGHT / f"light_{name}_output_0.pb").read_bytes()))
+
+
+class InProcessBuilder:
+    """The tuner's builder (BuilderInput in, artifact paths out), with MetaSchedule's own build and
+    export functions, in this process: no worker processes to start, each of which imports TVM's
+    tensor intrinsics first (tens of seconds)."""
+
+    def build(self, inputs: list) -> list:
+        from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+        return [
+            SimpleNamespace(artifact_path=default_export(default_build(item.mod, item.target, None))) for item in inputs
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def in_process_builder() -> InProcessBuilder:
+    return InProcessBuilder()
