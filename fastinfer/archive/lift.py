@@ -3,8 +3,9 @@
 MetaSchedule tiles a batch-N kernel's batch axis together with its spatial axes, and a search rarely
 finds the schedule that keeps the batch loop outermost, so that one image's working set stays in
 the caches while it is computed. Measured on EfficientNet-Lite0 (one core, NHWC, ``x86-64-v4``):
-after 2,700 trials at batch 8, its depthwise convolutions took 1.6x as long per image as at batch 1
-(the first 5x5 one 2.85 ms, where its batch-1 schedule run over the eight images took 1.65).
+after some 6,000 trials at batch 8, its depthwise convolutions took twice as long per image as at
+batch 1, and their batch-1 schedules run over the eight images took 0.78x the time of the batch-8
+ones (the first 5x5: 1.65 against 2.85 ms).
 
 A batch-1 schedule's first tiling decision splits the batch axis, whose extent is 1, into factors
 that are all 1; with the outermost factor set to N, the same schedule runs over N images, one after
