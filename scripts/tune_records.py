@@ -143,8 +143,7 @@ def main() -> None:
         mod = tuning.pre_tuning(relax_module(model, batch, spec), target, args.layout)
         if args.lift and batch > 1:
             one = tuning.pre_tuning(relax_module(model, 1, spec), target, args.layout)
-            kept = lift.lift(one, mod, batch, target, Path(args.out), sys.stderr)
-            print(f"{name}:{batch}: {kept} records from batch 1's schedules", file=sys.stderr, flush=True)
+            lift.lift(one, mod, batch, target, Path(args.out), sys.stderr)
         if args.trials < 1:
             continue
         budget = args.tune_time * 60 if args.tune_time else None

@@ -79,7 +79,9 @@ def lift(
         if own_builder:
             builder.close()
     tuning.replace_records(records_dir, winners)
-    return sum(1 for key, record in winners.items() if str(record.trace) == lifted_traces[key])
+    kept = sum(1 for key, record in winners.items() if str(record.trace) == lifted_traces[key])
+    print(f"batch {batch}: {kept} of {len(contending)} batch-1 schedules ran faster, kept", file=stream, flush=True)
+    return kept
 
 
 def _best(database: Any, workload: Any | None) -> Any | None:

@@ -132,7 +132,8 @@ def test_lift_records_batch_ones_schedules_for_the_batch_and_the_model_stays_rig
 
     convolutions = [t.dispatched[0] for t in tuning.all_tasks(three, TARGET) if tuning.conv_reductions(t.dispatched[0])]
     assert put >= len(convolutions) == 3  # nothing to beat at batch 3: every lifted schedule is kept
-    assert "trying" in stream.getvalue() and "at batch 3" in stream.getvalue()
+    assert "trying 3 batch-1 schedules at batch 3" in stream.getvalue()
+    assert f"batch 3: {put} of 3 batch-1 schedules ran faster, kept" in stream.getvalue()
     database = tuning.load_database(records)
     for workload in convolutions:
         (record,) = database.get_top_k(database.commit_workload(workload), 1)
