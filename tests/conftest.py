@@ -1,5 +1,5 @@
 """Shared fixtures: both event loops, a compiled-model cache shared by the session, test photos, a
-tuning builder in the test's own process."""
+tuning builder in the test's own process, and the convolutions of a mobile network, small."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import uvloop
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 def pytest_asyncio_loop_factories(config, item):
@@ -109,3 +109,31 @@ class InProcessBuilder:
 @pytest.fixture
 def in_process_builder() -> InProcessBuilder:
     return InProcessBuilder()
+
+
+def mobile_block(rng: np.random.Generator, pointwise_channels: int, output: str) -> tuple[list, list]:
+    """The nodes and weights of what EfficientNet-Lite0 is made of, small, on an input ``x`` of 3
+    channels: a strided 3x3 convolution with ReLU6 (Clip with constant bounds, which the ONNX frontend
+    lowers to TIR calls) into ``r1``, a depthwise 3x3 with ReLU6 into ``r2``, and a 1x1 convolution of
+    ``pointwise_channels`` into ``output``. Weights come from ``rng`` in that order."""
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+        helper.make_node("Conv", ["r1", "wd"], ["d1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Clip", ["d1", "lo", "hi"], ["r2"]),
+        helper.make_node("Conv", ["r2", "wp", "bp"], [output], kernel_shape=[1, 1]),
+    ]
+    initializers = [
+        weight("w1", 8, 3, 3, 3),
+        weight("b1", 8),
+        weight("wd", 8, 1, 3, 3),
+        weight("wp", pointwise_channels, 8, 1, 1),
+        weight("bp", pointwise_channels),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+    ]
+    return nodes, initializers

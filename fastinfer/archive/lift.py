@@ -54,12 +54,12 @@ def lift(
     lifted_traces: dict[str, str] = {}
     for task in tuning.all_tasks(mod_batch, target):
         workload = task.dispatched[0]
-        one = _best(database, ones.get(task.task_name))
+        one = tuning.best_record(database, ones.get(task.task_name))
         trace = lifted(one.trace, batch) if one is not None else None
         scheduled = _applied(trace, workload) if trace is not None else None
         if scheduled is None:
             continue
-        own = _best(database, workload)
+        own = tuning.best_record(database, workload)
         if own is not None and str(own.trace) == str(trace):
             continue  # lifted before, and kept
         # the arguments of the scheduled kernel: weights in the layout the schedule rewrote them to
@@ -82,13 +82,6 @@ def lift(
     kept = sum(1 for key, record in winners.items() if str(record.trace) == lifted_traces[key])
     print(f"batch {batch}: {kept} of {len(contending)} batch-1 schedules ran faster, kept", file=stream, flush=True)
     return kept
-
-
-def _best(database: Any, workload: Any | None) -> Any | None:
-    if workload is None or not database.has_workload(workload):
-        return None
-    top = database.get_top_k(database.commit_workload(workload), 1)
-    return top[0] if top else None
 
 
 def _applied(trace: Any, workload: Any) -> Any | None:

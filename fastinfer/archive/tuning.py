@@ -466,20 +466,23 @@ def load_database(records_dir: Path) -> Any:
 
 def untuned_tasks(mod: Any, target: Any, database: Any) -> list:
     """The tuning tasks of ``mod`` that ``database`` holds no record for."""
-    return [task for task in all_tasks(mod, target) if not _has_record(database, task.dispatched[0])]
+    return [task for task in all_tasks(mod, target) if best_record(database, task.dispatched[0]) is None]
 
 
 def record_coverage(mod: Any, target: Any, database: Any) -> tuple[int, int]:
     """How many tuning tasks ``mod`` has, and how many of them ``database`` holds no record for (the
     tasks extracted once)."""
     tasks = all_tasks(mod, target)
-    return len(tasks), sum(1 for task in tasks if not _has_record(database, task.dispatched[0]))
+    return len(tasks), sum(1 for task in tasks if best_record(database, task.dispatched[0]) is None)
 
 
-def _has_record(database: Any, mod: Any) -> bool:
-    if not database.has_workload(mod):
-        return False
-    return bool(database.get_top_k(database.commit_workload(mod), 1))
+def best_record(database: Any, mod: Any | None) -> Any | None:
+    """``database``'s best record of the workload ``mod`` (a tuning task's IRModule), or None (also
+    for ``mod`` None). Asks before committing the workload, which would add it to a JSON database."""
+    if mod is None or not database.has_workload(mod):
+        return None
+    top = database.get_top_k(database.commit_workload(mod), 1)
+    return top[0] if top else None
 
 
 def tune(
@@ -958,14 +961,14 @@ def export_subset(mods: list, target: Any, database: Any, dest: Path) -> int:
     for mod in mods:
         for task in all_tasks(mod, target):
             workload_mod = task.dispatched[0]
-            if not database.has_workload(workload_mod):
+            record = best_record(database, workload_mod)
+            if record is None:
                 continue
-            for record in database.get_top_k(database.commit_workload(workload_mod), 1):
-                workload = subset.commit_workload(workload_mod)
-                subset.commit_tuning_record(
-                    ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
-                )
-                count += 1
+            workload = subset.commit_workload(workload_mod)
+            subset.commit_tuning_record(
+                ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+            )
+            count += 1
     for name in (WORKLOADS_FILE, RECORDS_FILE):
         (dest / name).touch()
     return count

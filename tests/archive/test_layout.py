@@ -8,6 +8,7 @@ import re
 import numpy as np
 import onnx
 import pytest
+from conftest import mobile_block
 from onnx import TensorProto, helper, numpy_helper
 
 from fastinfer.archive import tuning
@@ -15,21 +16,18 @@ from fastinfer.archive.graph import for_tvm, with_batch
 
 
 def conv_model() -> onnx.ModelProto:
-    """What EfficientNet-Lite0 and SqueezeNet are made of, small: a strided conv with ReLU6 (Clip
-    with constant bounds, which the ONNX frontend lowers to TIR calls), a depthwise conv, a 1x1 conv
-    with a residual sum (ONNX Sum, as ResNet-50 exports it: the frontend would stack its inputs
-    in 5-D), a fire module's concat, dropout, pooling and a flattened classifier."""
+    """What EfficientNet-Lite0 and SqueezeNet are made of, small: a strided conv with ReLU6, a
+    depthwise conv and a 1x1 conv (``mobile_block``), the 1x1 with a residual sum (ONNX Sum, as
+    ResNet-50 exports it: the frontend would stack its inputs in 5-D), a fire module's concat,
+    dropout, pooling and a flattened classifier."""
     rng = np.random.default_rng(0)
 
     def weight(name, *shape):
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
 
+    block, block_weights = mobile_block(rng, pointwise_channels=8, output="p1")
     nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-        helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
-        helper.make_node("Conv", ["r1", "wd"], ["d1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
-        helper.make_node("Clip", ["d1", "lo", "hi"], ["r2"]),
-        helper.make_node("Conv", ["r2", "wp", "bp"], ["p1"], kernel_shape=[1, 1]),
+        *block,
         helper.make_node("Sum", ["p1", "r1", "r2"], ["a1"]),
         helper.make_node("Conv", ["a1", "we"], ["e1"], kernel_shape=[1, 1]),
         helper.make_node("Conv", ["a1", "we3"], ["e3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
@@ -42,17 +40,11 @@ def conv_model() -> onnx.ModelProto:
         helper.make_node("Gemm", ["flat", "wf", "bf"], ["y"], transB=1),
     ]
     initializers = [
-        weight("w1", 8, 3, 3, 3),
-        weight("b1", 8),
-        weight("wd", 8, 1, 3, 3),
-        weight("wp", 8, 8, 1, 1),
-        weight("bp", 8),
+        *block_weights,
         weight("we", 6, 8, 1, 1),
         weight("we3", 6, 8, 3, 3),
         weight("wf", 10, 12),
         weight("bf", 10),
-        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
     ]
     graph = helper.make_graph(
         nodes,

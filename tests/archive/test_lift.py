@@ -9,10 +9,11 @@ import io
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 tvm = pytest.importorskip("tvm")
 
+from conftest import mobile_block  # noqa: E402
 from tvm import s_tir, te  # noqa: E402
 from tvm.s_tir import meta_schedule as ms  # noqa: E402
 
@@ -65,27 +66,7 @@ def test_a_schedule_that_tiles_a_longer_axis_first_is_not_lifted():
 
 def small_model():
     """A strided convolution with ReLU6, a depthwise one and a 1x1, as EfficientNet-Lite0 has them."""
-    rng = np.random.default_rng(0)
-
-    def weight(name, *shape):
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
-
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-        helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
-        helper.make_node("Conv", ["r1", "wd"], ["d1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
-        helper.make_node("Clip", ["d1", "lo", "hi"], ["r2"]),
-        helper.make_node("Conv", ["r2", "wp", "bp"], ["y"], kernel_shape=[1, 1]),
-    ]
-    initializers = [
-        weight("w1", 8, 3, 3, 3),
-        weight("b1", 8),
-        weight("wd", 8, 1, 3, 3),
-        weight("wp", 16, 8, 1, 1),
-        weight("bp", 16),
-        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
-    ]
+    nodes, initializers = mobile_block(np.random.default_rng(0), pointwise_channels=16, output="y")
     graph = helper.make_graph(
         nodes,
         "convs",
