@@ -1,13 +1,16 @@
 """Which of the records competing for a workload is fastest, timed again side by side.
 
-A search measures each candidate once (the mean of a few runs, at least 100 ms of them), at whatever
-moment its turn comes. On a loaded machine that figure carries the load of its moment, and the
+A search measures each candidate once (the mean of ten runs, :func:`tuning.evaluator_config`), at
+whatever moment its turn comes. On a loaded machine that figure carries the load of its moment, and the
 lowest of hundreds of noisy figures is as often a quiet moment as a faster schedule: on this
 project's shared two-core machines, 150 more trials of EfficientNet-Lite0 made it 1.25x slower,
 because 15 of the 21 records they replaced had been faster when timed again. So when a search ends,
 the few best candidates of each workload it searched and the record they would replace are built
 and timed in turns (A, B, C, A, B, C, ...), so that whatever load comes falls on all of them alike.
 The lowest median wins, and the records keep its new timings, comparable with its rivals'.
+
+Each run starts with every argument but the first (the weights, the output, a residual input) out
+of the CPU caches, as the search measures them too (:data:`COLD_RUNS`).
 
 Only CPU (llvm) records are timed here, in this process; others keep the search's choice.
 """
@@ -22,7 +25,13 @@ from typing import Any, TextIO
 
 CANDIDATES = 3  # the search's best few per workload, beside the record they would replace
 ROUNDS = 5  # turns of timing each; the median of a candidate's rounds decides
-MIN_ROUND_S = 0.03  # each round times a candidate for at least this long
+COLD_RUNS = 40  # runs per round, each after its arguments but the first left the caches
+# TVM's preprocessing between timed runs: flushes every argument but the first from the CPU caches.
+# Inside a model a kernel's input was just written by the kernel before it, while its weights were
+# last touched a whole model ago; timed warm, over and over, a kernel finds everything in the caches
+# and a search picks schedules that lean on that (EfficientNet-Lite0's kernels summed 7.7 ms warm,
+# 9.3 cold, and took 8.9 in the model).
+FLUSH = "cache_flush_cpu_non_first_arg"
 FAILED_S = 1e9  # MetaSchedule's run time for a candidate that failed
 
 
@@ -114,8 +123,9 @@ def _time_in_turns(records: list, builder: Any, rounds: int) -> list[list[float]
         evaluators, arguments = [], []
         for candidate, path in zip(candidates, paths, strict=True):
             module = tvm.runtime.load_module(path)
-            round_ms = int(MIN_ROUND_S * 1000)
-            evaluators.append(module.time_evaluator(module.entry_name, device, number=1, min_repeat_ms=round_ms))
+            evaluators.append(
+                module.time_evaluator(module.entry_name, device, number=1, repeat=COLD_RUNS, f_preproc=FLUSH)
+            )
             arguments.append([_random_tensor(info, device) for info in candidate.args_info])
         timings: list[list[float]] = [[] for _ in records]
         for _ in range(rounds):

@@ -3,7 +3,8 @@
 A 128x128 matmul's naive loop nest (a float reduction chain per element) against the same with its
 reduction loop moved outward (the inner loop runs along rows, which LLVM vectorizes): several times
 faster, whatever the load. The naive one carries a figure from a "quiet moment" far below the
-other's; timed again in turns, the faster schedule wins, with its new timings.
+other's; timed again in turns, the faster schedule wins, with its new timings. Every run is timed
+with the kernel's arguments but the first out of the caches, as inside a model.
 """
 
 from __future__ import annotations
@@ -59,6 +60,25 @@ def test_the_faster_schedule_wins_over_a_lucky_figure(in_process_builder):
     assert str(winner.trace.as_json()) == str(rows.as_json())
     assert len(winner.run_secs) == remeasure.ROUNDS and 0 < remeasure.mean_s(winner) < 1
     assert "timing the best schedules of 1 tasks again" in stream.getvalue()
+
+
+def test_every_timed_run_starts_with_the_caches_flushed(in_process_builder, monkeypatch):
+    """Each run of each round is preceded by the preprocessing that flushes a kernel's arguments but
+    its first from the caches (counted here through a function of our own in its place)."""
+    mod, naive, rows = matmul_schedules()
+    database = ms.database.MemoryDatabase()
+    contending = remeasure.contenders([record(database, mod, naive, 1e-6)], [record(database, mod, rows, 1e-3)])
+    flushed = []
+    tvm.register_global_func("test_remeasure.count_flush", lambda *args: flushed.append(len(args)), override=True)
+    monkeypatch.setattr(remeasure, "FLUSH", "test_remeasure.count_flush")
+    assert remeasure.settle(contending, in_process_builder, io.StringIO())
+    assert flushed == [3] * (2 * remeasure.ROUNDS * remeasure.COLD_RUNS)  # A, B and C of each run
+
+
+def test_the_search_times_cpu_candidates_as_settle_does():
+    cold = tuning.evaluator_config(TARGET)
+    assert (cold.number, cold.min_repeat_ms, cold.enable_cpu_cache_flush) == (1, 0, True)
+    assert not tuning.evaluator_config(tvm.target.Target("cuda")).enable_cpu_cache_flush
 
 
 def test_nothing_to_settle_where_the_search_found_nothing_new(in_process_builder):
