@@ -1,8 +1,8 @@
 """Which of the records competing for a workload is fastest, timed again side by side.
 
 A search measures each candidate once (the mean of ten runs, :func:`tuning.evaluator_config`), at
-whatever moment its turn comes. On a loaded machine that figure carries the load of its moment, and the
-lowest of hundreds of noisy figures is as often a quiet moment as a faster schedule: on this
+whatever moment its turn comes. On a loaded machine that figure carries the load of its moment, and
+the lowest of hundreds of noisy figures is as often a quiet moment as a faster schedule: on this
 project's shared two-core machines, 150 more trials of EfficientNet-Lite0 made it 1.25x slower,
 because 15 of the 21 records they replaced had been faster when timed again. So when a search ends,
 the few best candidates of each workload it searched and the record they would replace are built
@@ -30,7 +30,7 @@ COLD_RUNS = 40  # runs per round, each after its arguments but the first left th
 # Inside a model a kernel's input was just written by the kernel before it, while its weights were
 # last touched a whole model ago; timed warm, over and over, a kernel finds everything in the caches
 # and a search picks schedules that lean on that (EfficientNet-Lite0's kernels summed 7.7 ms warm,
-# 9.3 cold, and took 8.9 in the model).
+# 9.3 cold, and about 8.9 in the model, on one core).
 FLUSH = "cache_flush_cpu_non_first_arg"
 FAILED_S = 1e9  # MetaSchedule's run time for a candidate that failed
 

@@ -603,10 +603,9 @@ def tune(
 
 def evaluator_config(target: Any) -> Any:
     """How the search times a candidate: on a CPU, ten runs, each after every argument but the first
-    left the caches (as :mod:`.remeasure` times them again, and as a kernel runs inside a model:
-    its weights last touched a whole model ago); elsewhere MetaSchedule's default. Timed warm, the
-    search picked schedules that only win warm: EfficientNet-Lite0 searched cold (600 trials, one
-    core) ran in 0.97x the time of its records searched warm."""
+    left the caches, as :mod:`.remeasure` times them again (see :data:`.remeasure.FLUSH` for why);
+    elsewhere MetaSchedule's default. EfficientNet-Lite0 searched so (600 trials, one core) ran in
+    0.97x the time of its records searched warm."""
     from tvm.s_tir import meta_schedule as ms
 
     if target.kind.name != "llvm":
