@@ -8,7 +8,12 @@
 from them, a record of DIR whose schedule differs from the seed's is one the search found: only
 those go into the shipped folder for that core count (``<level>/1-core/`` for one core, ``<level>/``
 for more), added or replacing that folder's own; every other shipped record stays as it is. So the
-shipped folders change by what was found, and never by a seed's record put back over a newer one.
+shipped folders change by what was found, and never by a seed's record put back over a newer one,
+as long as the package has not changed since the seed was written: the comparison is with the
+records the package holds when shipping. Ship the folders searched from one seed in one call; a
+folder shipped after another changed the package would put its copies of the seed's records back
+over what the other shipped (seed again, or ship each folder's own model only, as exported by
+``tuning.export_subset``).
 
 Time the searched folder beside the shipped records before and after (``scripts/bench_layouts.py``
 with ``--records``), and run ``tests/archive/test_records.py``: what ships is what builds take.
