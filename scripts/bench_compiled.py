@@ -52,7 +52,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="all-threads, serving, or both")
     parser.add_argument("--skip-untuned", action="store_true", help="untuned ResNet-50 takes seconds a batch")
     parser.add_argument(
-        "--layout", choices=("auto", "nchw", "nhwc"), default="auto", help="tuned builds' convolution layout"
+        "--layout",
+        choices=("auto", "nchw", "nhwc", "winograd"),
+        default="auto",
+        help="how tuned builds' convolutions compute (see fastinfer archive --layout)",
     )
     parser.add_argument("--tune-trials", type=int, default=0, help="tune tasks the records miss, N trials each")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "fastinfer-bench-cache"))

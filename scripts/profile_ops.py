@@ -70,6 +70,8 @@ def tvm_group(name: str, shapes: list, channel_axis: int = 1) -> str:
     if name.startswith("vm.builtin."):
         return "VM builtins (allocation, tuples, views)"
     tokens = {token.rstrip("0123456789") for token in name.split("_")}
+    if "conv2d_winograd" in name:  # its weights are transformed 6x6 tiles; only 3x3 ones are
+        return conv_group(9, False)
     if "conv2d" in name:
         data, weight, out = shapes[0], shapes[1], shapes[-1]
         weights = math.prod(weight)
@@ -204,7 +206,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="cores (pinned) and threads for TVM and ORT")
     parser.add_argument("--runs", type=int, default=20, help="measured runs, after warm-up")
-    parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="TVM's convolution layout")
+    parser.add_argument(
+        "--layout", choices=("nchw", "nhwc", "winograd"), default="nchw", help="TVM's convolution layout"
+    )
     parser.add_argument("--top", type=int, default=10, help="TVM kernels listed")
     args = parser.parse_args()
 
@@ -228,7 +232,7 @@ def main() -> int:
 
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for name, ms in tvm_ms.items():
-        groups[tvm_group(name, kernels[name]["shapes"], 3 if args.layout == "nhwc" else 1)][0] += ms
+        groups[tvm_group(name, kernels[name]["shapes"], 1 if args.layout == "nchw" else 3)][0] += ms
     for name, ms in ort_ms.items():
         groups[ort_group(nodes[name]["op"], nodes[name]["shapes"])][1] += ms
     tvm_total, ort_total = sum(tvm_ms.values()), sum(ort_ms.values())
@@ -254,7 +258,7 @@ def main() -> int:
     for name, ms in sorted(tvm_ms.items(), key=lambda item: -item[1])[: args.top]:
         kernel = kernels[name]
         shapes = " ".join("x".join(map(str, shape)) or "()" for shape in kernel["shapes"])  # (): a scalar
-        group = tvm_group(name, kernel["shapes"], 3 if args.layout == "nhwc" else 1)
+        group = tvm_group(name, kernel["shapes"], 1 if args.layout == "nchw" else 3)
         print(f"| {name} | {group} | {kernel['calls']} | {ms:.3f} | {ms / tvm_total:.0%} | {shapes} |")
     return 0
 

@@ -20,7 +20,12 @@ build for that core count reads, search it with ``--retune``, time it beside the
     python scripts/ship_records.py --mcpu x86-64-v4 --num-cores 1 DIR1
 
 ``--layout nhwc`` tunes the graph with its convolutions converted to NHWC (the workloads differ
-from the default layout's: keep its records in a folder of their own).
+from the default layout's: keep its records in a folder of their own); ``--layout winograd`` also
+computes its 3x3 convolutions by Winograd's algorithm, and shares NHWC's records for the rest: a
+folder of NHWC records searched so gains records for those convolutions only::
+
+    nice -n 19 python scripts/tune_records.py --mcpu x86-64-v4 --num-cores 1 --layout winograd \
+        --trials 100 --total 400 --out DIR1 resnet50:1
 
 A search can start from records tuned for another core count (a schedule replays on any): a build
 for several cores reads the one-core records for the tasks its own folder lacks, so the all-core
@@ -55,6 +60,8 @@ from pathlib import Path
 
 import onnx
 
+from fastinfer.archive import tuning
+
 
 def model_path(name: str, cache: str) -> str:
     if name == "efficientnet":
@@ -86,7 +93,7 @@ def relax_module(model: onnx.ModelProto, batch: int, target: dict | None) -> obj
 
 def tasks_to_search(args: argparse.Namespace, spec: dict) -> Callable[[object], bool] | None:
     """The predicate on workloads that ``tuning.tune(only=...)`` takes for these flags (None: all)."""
-    from fastinfer.archive import shipped, tuning
+    from fastinfer.archive import shipped
 
     kind = tuning.depthwise if args.depthwise_only else tuning.pointwise if args.pointwise_only else None
     if not args.fallbacks_only:
@@ -105,7 +112,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8, help="trials per task (0: no search, with --lift)")
     parser.add_argument("--total", type=int, help="trials in all per model (the scheduler picks the tasks)")
     parser.add_argument("--tune-time", type=float, help="minutes per model; the search stops after that")
-    parser.add_argument("--layout", default="nchw", help="convolution layout: nchw (the model's) or nhwc")
+    parser.add_argument(
+        "--layout",
+        default="nchw",
+        choices=tuning.LAYOUTS,
+        help="how convolutions compute: nchw (the model's layout), nhwc, or winograd (nhwc, 3x3 by Winograd)",
+    )
     parser.add_argument("--retune", action="store_true", help="search tasks that have records too")
     kinds = parser.add_mutually_exclusive_group()
     kinds.add_argument(
@@ -133,7 +145,7 @@ def main() -> None:
 
     import tvm
 
-    from fastinfer.archive import lift, tuning
+    from fastinfer.archive import lift
 
     spec = {"kind": "llvm", "mcpu": args.mcpu, "num-cores": args.num_cores}
     target = tvm.target.Target(spec)

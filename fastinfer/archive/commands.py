@@ -59,11 +59,12 @@ def _add_target_flags(parser: argparse.ArgumentParser, with_target: bool = False
     parser.add_argument("--num-cores", type=int, help="cores the code is tuned for (default: all of this host's)")
     parser.add_argument(
         "--layout",
-        choices=("auto", "nchw", "nhwc"),
+        choices=("auto", "nchw", "nhwc", "winograd"),
         default="auto",
-        help="activation layout of the convolutions in tuned CPU code: nhwc (tuned, it runs in about two thirds "
-        "of nchw's time), nchw (the model's own), or auto: per batch size the layout the stored records cover "
-        "best with --stored-records-only, else nhwc",
+        help="how convolutions compute in tuned CPU code: nhwc (channels innermost: tuned, it runs in about two "
+        "thirds of nchw's time), winograd (nhwc, and 3x3 convolutions by Winograd's algorithm, a quarter of the "
+        "multiplications), nchw (the model's own layout), or auto: per batch size the one the stored records cover "
+        "best with --stored-records-only, else winograd",
     )
     parser.add_argument("--cache-dir", help="where tuning records are kept (default: the server's cache)")
     parser.add_argument(
@@ -388,6 +389,7 @@ def describe(manifest: Manifest, path: Path | None = None) -> str:
         if tuning.tasks_tuned_now:
             how += f" ({tuning.trials_per_task} trials each)"
         shown = str(manifest.build.get("layout", "")).replace("nhwc", "NHWC").replace("nchw", "NCHW")
+        shown = shown.replace("winograd", "NHWC with Winograd 3x3")
         layout = f", convolutions in {shown}" if shown else ""
         lines.append(
             f"tuned      yes, MetaSchedule with weight prepacking{layout}; {how}; records: {tuning.records_source}"

@@ -312,32 +312,39 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
-LAYOUTS = ("nchw", "nhwc")  # the activation layout convolutions compute in; "nchw": the model's own
+# How convolutions compute: the activation layout ("nchw": the model's own), and "winograd": NHWC,
+# with the 3x3 convolutions of stride 1 that have enough channels by Winograd's algorithm.
+LAYOUTS = ("nchw", "nhwc", "winograd")
 
 
 def pre_tuning(mod: Any, target: Any, layout: str = "nchw") -> Any:
     """Legalize and mark weights as layout-free, as ``static_shape_tuning_pipeline`` does first.
 
     ``layout`` "nhwc" converts every 2-D convolution to NHWC activations and OHWI weights first
-    (see :func:`convert_layout`). It changes the tuning workloads: records tuned for one layout do
-    not cover the other.
+    (see :func:`convert_layout`); "winograd" then computes those of 3x3 that it pays for with
+    Winograd's algorithm (:mod:`.winograd`). It changes the tuning workloads: records tuned for one
+    layout do not cover another (those of "nhwc" cover "winograd"'s other kernels).
     """
     import tvm
     from tvm.relax import transform
     from tvm.relax.pipeline import zero_pipeline
 
-    from fastinfer.archive import concat
+    from fastinfer.archive import concat, winograd
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: one of {', '.join(LAYOUTS)}")
-    if layout == "nhwc":
+    legalizations = {"relax.concat": concat.legalize}  # zero_pipeline's legalizes the rest
+    if layout in ("nhwc", "winograd"):
         mod = convert_layout(mod)
+    if layout == "winograd":
+        mod = transform.FoldConstant()(mod)  # the weights' transposes: constants Winograd transforms
+        legalizations["relax.nn.conv2d"] = winograd.legalize
     with target:
         return tvm.transform.Sequential(
             [
                 transform.DecomposeOpsForInference(),
                 transform.CanonicalizeBindings(),
-                transform.LegalizeOps({"relax.concat": concat.legalize}),  # zero_pipeline's legalizes the rest
+                transform.LegalizeOps(legalizations),
                 zero_pipeline(),
                 transform.AttachAttrLayoutFreeBuffers(),
             ]
@@ -345,11 +352,12 @@ def pre_tuning(mod: Any, target: Any, layout: str = "nchw") -> Any:
 
 
 def pre_tuning_auto(mod: Any, target: Any, stream: TextIO) -> tuple[Any, str]:
-    """``mod`` prepared in NHWC, the layout that tunes faster, or in NCHW where TVM's layout
-    conversion fails on the graph (an operator it cannot carry a layout through): said on
+    """``mod`` prepared as a search tunes it: NHWC with Winograd's 3x3 convolutions (the layout
+    that tunes fastest; "nhwc" where no convolution is one Winograd computes), or NCHW where TVM's
+    layout conversion fails on the graph (an operator it cannot carry a layout through): said on
     ``stream``, the build goes on. Returns the module and its layout."""
     try:
-        return pre_tuning(mod, target, "nhwc"), "nhwc"
+        return _winograd_or_nhwc(pre_tuning(mod, target, "winograd"))
     except Exception as error:  # TVM's InternalError or ValueError, from inside ConvertLayout
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         print(f"convolutions stay NCHW: TVM could not convert this graph to NHWC ({reason})", file=stream)
@@ -358,22 +366,28 @@ def pre_tuning_auto(mod: Any, target: Any, stream: TextIO) -> tuple[Any, str]:
 
 def pre_tuning_covered(mod: Any, target: Any, database: Any, stream: TextIO) -> tuple[Any, str]:
     """``mod`` prepared in the layout whose tasks ``database`` covers best: a task without a record
-    keeps a default schedule, tens of times slower than a tuned one. NHWC first, so that a tie (both
-    covered) goes to it: tuned at an equal budget, it ran in two thirds of NCHW's time. Not the
-    records' own estimates: those are timed on whatever machine, under whatever load, tuned them
-    (the shipped NCHW ones say 10 ms for EfficientNet-Lite0, the NHWC ones 30 ms, where side by side
-    NHWC runs in 16 ms and NCHW in 22)."""
+    keeps a default schedule, tens of times slower than a tuned one. Winograd, then NHWC first, so
+    that a tie (both covered) goes to the faster: tuned at an equal budget, NHWC ran in two thirds
+    of NCHW's time, and Winograd's 3x3 convolutions in half of NHWC's. Not the records' own
+    estimates: those are timed on whatever machine, under whatever load, tuned them (the shipped
+    NCHW ones say 10 ms for EfficientNet-Lite0, the NHWC ones 30 ms, where side by side NHWC runs
+    in 16 ms and NCHW in 22)."""
     converted, layout = pre_tuning_auto(mod, target, stream)
     if layout == "nchw":  # the graph does not convert to NHWC
         return converted, layout
-    best: tuple[int, Any, str] | None = None
-    for layout in ("nhwc", "nchw"):
-        prepared = converted if layout == "nhwc" else pre_tuning(mod, target, layout)
-        missing = len(untuned_tasks(prepared, target, database))
-        if best is None or missing < best[0]:
-            best = (missing, prepared, layout)
-    assert best is not None
-    return best[1], best[2]
+    candidates = [(converted, layout)]
+    if layout == "winograd":
+        candidates.append((pre_tuning(mod, target, "nhwc"), "nhwc"))
+    candidates.append((pre_tuning(mod, target, "nchw"), "nchw"))
+    return min(candidates, key=lambda candidate: len(untuned_tasks(candidate[0], target, database)))
+
+
+def _winograd_or_nhwc(prepared: Any) -> tuple[Any, str]:
+    """``prepared`` (in the "winograd" layout) and its layout's name: "nhwc" where no convolution
+    became a Winograd kernel, for the two are then the same module."""
+    from fastinfer.archive import winograd
+
+    return prepared, "winograd" if winograd.used(prepared) else "nhwc"
 
 
 def convert_layout(mod: Any) -> Any:
