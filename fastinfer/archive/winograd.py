@@ -85,8 +85,8 @@ def applies(call: Any) -> bool:
 def transformed_weights(weights: np.ndarray) -> np.ndarray:
     """OHWI 3x3 ``weights`` as the kernel multiplies them: ``G g G^T`` for each channel pair,
     laid out (6, 6, O, I)."""
-    _, _, g = _matrices()
-    return np.einsum("ah,bw,ohwi->aboi", g, g, weights.astype(np.float64)).astype(np.float32)
+    g = _matrices()[2].astype(np.float32)
+    return np.einsum("ah,bw,ohwi->aboi", g, g, weights.astype(np.float32, copy=False))  # no intermediates
 
 
 def conv2d_nhwc(data: Any, transformed: Any, padding: tuple[int, int, int, int]) -> Any:
