@@ -70,7 +70,7 @@ def tvm_group(name: str, shapes: list, channel_axis: int = 1) -> str:
     if name.startswith("vm.builtin."):
         return "VM builtins (allocation, tuples, views)"
     tokens = {token.rstrip("0123456789") for token in name.split("_")}
-    if "conv2d_winograd" in name:  # its weights are transformed 6x6 tiles; only 3x3 ones are
+    if "conv2d_winograd" in name:  # weights transformed to 6x6: the kernel is a 3x3 convolution
         return conv_group(9, False)
     if "conv2d" in name:
         data, weight, out = shapes[0], shapes[1], shapes[-1]
