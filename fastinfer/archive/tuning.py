@@ -356,8 +356,11 @@ def pre_tuning_auto(mod: Any, target: Any, stream: TextIO) -> tuple[Any, str]:
     that tunes fastest; "nhwc" where no convolution is one Winograd computes), or NCHW where TVM's
     layout conversion fails on the graph (an operator it cannot carry a layout through): said on
     ``stream``, the build goes on. Returns the module and its layout."""
+    from fastinfer.archive import winograd
+
     try:
-        return _winograd_or_nhwc(pre_tuning(mod, target, "winograd"))
+        prepared = pre_tuning(mod, target, "winograd")
+        return prepared, "winograd" if winograd.used(prepared) else "nhwc"  # else the two are one module
     except Exception as error:  # TVM's InternalError or ValueError, from inside ConvertLayout
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         print(f"convolutions stay NCHW: TVM could not convert this graph to NHWC ({reason})", file=stream)
@@ -375,19 +378,15 @@ def pre_tuning_covered(mod: Any, target: Any, database: Any, stream: TextIO) -> 
     converted, layout = pre_tuning_auto(mod, target, stream)
     if layout == "nchw":  # the graph does not convert to NHWC
         return converted, layout
-    candidates = [(converted, layout)]
-    if layout == "winograd":
-        candidates.append((pre_tuning(mod, target, "nhwc"), "nhwc"))
-    candidates.append((pre_tuning(mod, target, "nchw"), "nchw"))
-    return min(candidates, key=lambda candidate: len(untuned_tasks(candidate[0], target, database)))
-
-
-def _winograd_or_nhwc(prepared: Any) -> tuple[Any, str]:
-    """``prepared`` (in the "winograd" layout) and its layout's name: "nhwc" where no convolution
-    became a Winograd kernel, for the two are then the same module."""
-    from fastinfer.archive import winograd
-
-    return prepared, "winograd" if winograd.used(prepared) else "nhwc"
+    best = (len(untuned_tasks(converted, target, database)), converted, layout)
+    for other in ("nhwc", "nchw") if layout == "winograd" else ("nchw",):
+        if best[0] == 0:  # covered: a later layout can only tie, and a tie goes to the earlier
+            break
+        prepared = pre_tuning(mod, target, other)
+        missing = len(untuned_tasks(prepared, target, database))
+        if missing < best[0]:
+            best = (missing, prepared, other)
+    return best[1], best[2]
 
 
 def convert_layout(mod: Any) -> Any:
