@@ -333,6 +333,7 @@ def _tuning_lines(manifest: Manifest, path: Path | None) -> list[str]:
         return [f"           tuning records unreadable: {error}"]
     trials = f", up to {manifest.tuning.trials_per_task} trials each" if manifest.tuning.trials_per_task else ""
     lines = []
+    by_image = manifest.build.get("tuning", {}).get("image_by_image", {})
     for size, workloads in batches.items():
         covered, latency_s = tuning.estimated_latency(workloads, workloads_json, records_json)
         lines.append(
@@ -340,6 +341,12 @@ def _tuning_lines(manifest: Manifest, path: Path | None) -> list[str]:
             f"estimated {latency_s * 1000:.3g} ms"
             + ("" if covered == len(workloads) else " (tasks without records not counted)")
         )
+        if size in by_image:
+            kept = by_image[size]
+            lines.append(
+                f"             computed image by image up to {kept['up_to']!r}: {kept['ms']:.3g} ms, "
+                f"as one batch {kept['one_batch_ms']:.3g} ms (timed when built)"
+            )
     return lines
 
 

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import numpy as np
 
 import fastinfer
-from fastinfer.archive import shipped, tuning
+from fastinfer.archive import image_by_image, shipped, tuning
 from fastinfer.archive import target as targets
 from fastinfer.archive.graph import BATCH, for_tvm, graph_inputs, with_batch
 from fastinfer.archive.manifest import MANIFEST_NAME, ArchiveError, FileEntry, Manifest, Tuning
@@ -332,19 +332,27 @@ def _compile(
             raise ArchiveError(f"TVM could not convert {label}: {error}{_batch_hint(model, size)}") from error
     tasks_total = tuned_now = 0
     layouts: dict[int | None, str] = dict.fromkeys(mods, "nchw")
+    by_image: dict[int, image_by_image.Kept] = {}  # batch sizes computed image by image
     if tuned:
         mods, tasks_total, tuned_now, layouts = _tune(mods, target, records, options, stream)
-    for size, mod in mods.items():
+    for size, mod in list(mods.items()):
         path = "lib/model.so" if size is None else f"lib/model-b{size}.so"
         if tuned:
             _tuned_build(mod, target, records, f"{options.name} batch {size}", staging / path, stream)
+            if size is not None and size > 1:
+                kept = _image_by_image(model, graph, size, layouts[size], target, records, staging / path, stream)
+                if kept is not None:
+                    by_image[size] = kept
         else:
             _plain_build(mod, target, staging / path, f"{options.name} batch {size or 'N'}", stream)
         libraries[size] = path
     if not tuned:
         return libraries, None, {}, layouts
     (staging / "tuning").mkdir()
-    detail = _export_records(records, staging / "tuning", mods, target)
+    images = [kept.module for kept in by_image.values()]  # their batch-1 kernels' records too
+    detail = _export_records(records, staging / "tuning", mods, target, images)
+    if by_image:
+        detail["image_by_image"] = {str(size): kept.summary() for size, kept in by_image.items()}
     stored = f"shipped:{seeded}" if seeded else ("records folder" if options.records_dir else "cache")
     source = ",".join(filter(None, ["tuned" if tuned_now else "", stored]))
     return (
@@ -360,6 +368,19 @@ def _compile(
         detail,
         layouts,
     )
+
+
+def _image_by_image(
+    model: Any, graph: Any, size: int, layout: str, target: dict, records: Path, path: Path, stream: TextIO
+) -> image_by_image.Kept | None:
+    """The library at ``path`` computed image by image through the early layers instead, where that
+    runs faster (see :mod:`.image_by_image`)."""
+    label = f"batch {size}, image by image"
+
+    def build(prepared: Any, out: Path) -> None:
+        _tuned_build(prepared, target, records, label, out, stream, quiet=True)
+
+    return image_by_image.choose(graph, size, layout, target, path, build, _sample(_input_specs(model), size), stream)
 
 
 def _layout_summary(layouts: dict[int | None, str]) -> str:
@@ -541,8 +562,11 @@ def _tune(
     return prepared, tasks, tuned, layouts
 
 
-def _tuned_build(mod: Any, target: dict, records: Path, label: str, path: Path, stream: TextIO) -> None:
-    """Build ``mod`` (prepared for tuning) with the best schedules the records hold."""
+def _tuned_build(
+    mod: Any, target: dict, records: Path, label: str, path: Path, stream: TextIO, quiet: bool = False
+) -> None:
+    """Build ``mod`` (prepared for tuning) with the best schedules the records hold; ``quiet``: without
+    saying how many tasks have none."""
     import tvm
     from tvm import relax
 
@@ -550,7 +574,7 @@ def _tuned_build(mod: Any, target: dict, records: Path, label: str, path: Path, 
     try:
         database = tuning.load_database(records)
         missing = len(tuning.untuned_tasks(mod, tvm_target, database))
-        if missing:
+        if missing and not quiet:
             print(f"{label}: {missing} tasks have no tuning record; they run with default schedules", file=stream)
         mod = tuning.apply_records(mod, tvm_target, database)
         relax.build(mod, target=tvm_target).export_library(str(path))
@@ -558,14 +582,14 @@ def _tuned_build(mod: Any, target: dict, records: Path, label: str, path: Path, 
         raise ArchiveError(f"TVM could not compile {label}: {error}") from error
 
 
-def _export_records(records: Path, dest: Path, mods: dict, target: dict) -> dict:
-    """Write the best record of each task of ``mods`` (prepared for tuning, by batch size) to
-    ``dest``; returns, per batch size, its tasks' workloads and how often each runs, so that
-    ``inspect`` can tell from the archive's records how tuned each library is."""
+def _export_records(records: Path, dest: Path, mods: dict, target: dict, more: list | None = None) -> dict:
+    """Write the best record of each task of ``mods`` (prepared for tuning, by batch size) and of
+    ``more`` to ``dest``; returns, per batch size of ``mods``, its tasks' workloads and how often each
+    runs, so that ``inspect`` can tell from the archive's records how tuned each library is."""
     import tvm
 
     tvm_target = tvm.target.Target(target)
-    tuning.export_subset(list(mods.values()), tvm_target, tuning.load_database(records), dest)
+    tuning.export_subset([*mods.values(), *(more or [])], tvm_target, tuning.load_database(records), dest)
     return {"batches": {str(size): tuning.task_workloads(mod, tvm_target) for size, mod in mods.items()}}
 
 

@@ -404,10 +404,13 @@ def convert_layout(mod: Any) -> Any:
     ConvertLayout fails on dropout's (output, mask) tuple (SqueezeNet has one), which inference
     drops anyway (LegalizeOps makes it the identity): it becomes its input.
     """
+    from tvm import relax
     from tvm.relax import transform
 
     mod = transform.FoldConstant()(mod)  # the clip bounds (NaN-checked by the frontend) -> scalars
-    mod["main"] = _make_rewriter()(mod).visit_expr(mod["main"])
+    functions = [(var, func) for var, func in mod.functions_items() if isinstance(func, relax.Function)]
+    for var, func in functions:  # main, or those of a batch computed image by image
+        mod[var] = _make_rewriter()(mod).visit_expr(func)
     mod = transform.CanonicalizeBindings()(mod)
     mod = transform.DeadCodeElimination()(mod)
     return transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
