@@ -157,6 +157,7 @@ def _elements(dims: Any) -> int:
 
 ROUNDS = 5  # turns of timing each form; the median of a form's rounds decides
 ROUND_S = 0.2  # each turn runs a form for at least this long (and twice)
+TIMEOUT_S = 600.0  # a timing that takes longer (a form far slower than ever pays) keeps one batch
 
 
 @dataclass
@@ -187,21 +188,21 @@ def choose(
     """Build the image-by-image form of ``graph`` at ``batch`` (in ``layout``, by ``build``) beside
     ``batched``, the batch's library, time the two in turns on ``inputs`` with the library's threads,
     and keep the faster at ``batched``: what was kept where the image-by-image form won, else None.
-    A graph without a cut, or whose image-by-image form TVM cannot build, stays one batch (said on
-    ``stream``)."""
+    A graph without a cut stays one batch, and so does one whose image-by-image form cannot be
+    built or timed (said on ``stream``)."""
     import tvm
 
     from fastinfer.archive import tuning
 
-    tensor = cut(graph)
-    if tensor is None:
-        return None
     images = batched.with_name(batched.stem + "-images" + batched.suffix)
     try:
+        tensor = cut(graph)
+        if tensor is None:
+            return None
         prepared = tuning.pre_tuning(module(graph, batch, tensor), tvm.target.Target(target), layout)
         build(prepared, images)
         one_batch_s, images_s = _time_in_turns([batched, images], inputs, int(target.get("num-cores", 0)))
-    except Exception as error:  # TVM's own errors, from a graph its passes do not carry through
+    except Exception as error:  # ONNX's or TVM's own errors, from a graph their passes do not carry through
         reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         print(f"batch {batch}: stays one batch (image by image did not build or run: {reason})", file=stream)
         images.unlink(missing_ok=True)
@@ -225,7 +226,7 @@ def _time_in_turns(paths: list[Path], inputs: list[np.ndarray], threads: int) ->
     try:
         environment = {**os.environ, "TVM_NUM_THREADS": str(threads or os.cpu_count() or 1)}
         command = [sys.executable, "-m", __name__, str(feeds), *map(str, paths)]
-        done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"timing failed: {done.stderr.strip().splitlines()[-1:]}")
         return [float(seconds) for seconds in done.stdout.split()]

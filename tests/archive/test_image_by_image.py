@@ -150,3 +150,19 @@ def test_both_forms_are_timed_in_a_process_of_the_librarys_threads(tmp_path, cap
     times = [float(ms) for ms in re.findall(r"(\d+\.\d+) ms", line)]
     assert len(times) == 2 and all(ms > 0 for ms in times), line
     assert ("image by image (" in line) == (times[0] < times[1]), line
+
+
+def test_a_form_that_does_not_build_leaves_the_batch_as_it_was(tmp_path, capsys, monkeypatch):
+    from fastinfer.archive.load import load
+
+    def fails(graph, batch, tensor):
+        raise ValueError("the frontend cannot split this graph")
+
+    monkeypatch.setattr(image_by_image, "module", fails)
+    path = archive(tmp_path)
+    assert (
+        "batch 4: stays one batch (image by image did not build or run: the frontend cannot" in capsys.readouterr().err
+    )
+    manifest = load(path, tmp_path / "cache").manifest
+    assert "image_by_image" not in manifest.build["tuning"]
+    assert sorted(manifest.libraries.values()) == ["lib/model-b1.so", "lib/model-b4.so"]
