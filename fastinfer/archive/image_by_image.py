@@ -4,9 +4,9 @@ A batch of N runs each kernel once over N images: the weights are read once for 
 every tensor between two kernels is N images large. Where a model's early layers write far more
 than they read of weights, that trade loses on one core: EfficientNet-Lite0's expanded tensors are
 4.8 MB an image at 112x112 (38 MB at batch 8), so at batch 8 each depthwise convolution reads its
-input back from memory instead of the caches, and took twice its batch-1 time per image (one core,
-``x86-64-v4``, tuned alike). Its batch-8 library ran in 1.01-1.04x ONNX Runtime's time, eight runs of
-its batch-1 library in 0.90x.
+input back from memory instead of the caches, and took 1.75x its batch-1 time per image (one core,
+``x86-64-v4``, tuned alike). Its batch-8 library ran in 1.01-1.04x ONNX Runtime's time, its batch-1
+library in 0.89-0.94x.
 
 So a tuned CPU build also compiles a second form of each batch size N > 1: the graph cut in two
 where a single tensor connects its halves, before the first layer whose weights outweigh the
@@ -14,8 +14,8 @@ tensor it writes for one image (from there on, batching saves reading weights mo
 in tensors); the first half runs as a batch-1 function on each image in turn, its outputs are
 concatenated, and the second half runs on the batch. The kernels are the batch-1 and batch-N
 kernels the records already hold. The build times both forms on the library's threads and keeps
-the faster (:mod:`.pack`): EfficientNet-Lite0 0.90x its batched form at batch 8 on one core,
-SqueezeNet 1.0 and ResNet-50 1.02-1.06x (so they stay batched).
+the faster (:mod:`.pack`): EfficientNet-Lite0's batch 8 image by image took 0.92x its batched time
+on one core and 0.76x on two; SqueezeNet 1.0's and ResNet-50's 1.01-1.04x, so they stay one batch.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from fastinfer.archive.graph import with_batch
+
+ROUNDS = 5  # turns of timing each form; the median of a form's rounds decides
+ROUND_S = 0.2  # each turn runs a form for at least this long (and twice)
+TIMEOUT_S = 600.0  # a timing that takes longer (a form far slower than ever pays) keeps one batch
 
 
 def cut(graph: Any) -> str | None:
@@ -155,11 +159,6 @@ def _elements(dims: Any) -> int:
     return math.prod(d.dim_value for d in dims)
 
 
-ROUNDS = 5  # turns of timing each form; the median of a form's rounds decides
-ROUND_S = 0.2  # each turn runs a form for at least this long (and twice)
-TIMEOUT_S = 600.0  # a timing that takes longer (a form far slower than ever pays) keeps one batch
-
-
 @dataclass
 class Kept:
     """The image-by-image form of a batch size, kept: its module (prepared for tuning), the tensor
@@ -171,8 +170,12 @@ class Kept:
     one_batch_seconds: float
 
     def summary(self) -> dict:
-        milliseconds = round(self.seconds * 1e3, 2)
-        return {"up_to": self.tensor, "ms": milliseconds, "one_batch_ms": round(self.one_batch_seconds * 1e3, 2)}
+        """What the manifest records (``build.tuning.image_by_image``), times in milliseconds."""
+        return {
+            "up_to": self.tensor,
+            "ms": round(self.seconds * 1e3, 2),
+            "one_batch_ms": round(self.one_batch_seconds * 1e3, 2),
+        }
 
 
 def choose(
@@ -207,7 +210,7 @@ def choose(
         print(f"batch {batch}: stays one batch (image by image did not build or run: {reason})", file=stream)
         images.unlink(missing_ok=True)
         return None
-    figures = f"image by image up to {tensor!r} {images_s * 1e3:.1f} ms, one batch {one_batch_s * 1e3:.1f} ms"
+    figures = f"image by image up to {tensor!r} {images_s * 1e3:.2f} ms, one batch {one_batch_s * 1e3:.2f} ms"
     if images_s >= one_batch_s:
         print(f"batch {batch}: one batch ({figures})", file=stream, flush=True)
         images.unlink()

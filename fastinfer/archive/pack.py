@@ -335,7 +335,7 @@ def _compile(
     by_image: dict[int, image_by_image.Kept] = {}  # batch sizes computed image by image
     if tuned:
         mods, tasks_total, tuned_now, layouts = _tune(mods, target, records, options, stream)
-    for size, mod in list(mods.items()):
+    for size, mod in mods.items():
         path = "lib/model.so" if size is None else f"lib/model-b{size}.so"
         if tuned:
             _tuned_build(mod, target, records, f"{options.name} batch {size}", staging / path, stream)

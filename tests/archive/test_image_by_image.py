@@ -149,7 +149,8 @@ def test_both_forms_are_timed_in_a_process_of_the_librarys_threads(tmp_path, cap
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("batch 4:"))
     times = [float(ms) for ms in re.findall(r"(\d+\.\d+) ms", line)]
     assert len(times) == 2 and all(ms > 0 for ms in times), line
-    assert ("image by image (" in line) == (times[0] < times[1]), line
+    images, one_batch = times  # as printed, rounded
+    assert images <= one_batch if "image by image (" in line else images >= one_batch, line
 
 
 def test_a_form_that_does_not_build_leaves_the_batch_as_it_was(tmp_path, capsys, monkeypatch):
