@@ -5,8 +5,8 @@ every tensor between two kernels is N images large. Where a model's early layers
 than they read of weights, that trade loses on one core: EfficientNet-Lite0's expanded tensors are
 4.8 MB an image at 112x112 (38 MB at batch 8), so at batch 8 each depthwise convolution reads its
 input back from memory instead of the caches, and took 1.75x its batch-1 time per image (one core,
-``x86-64-v4``, tuned alike). Its batch-8 library ran in 1.01-1.04x ONNX Runtime's time, its batch-1
-library in 0.89-0.94x.
+``x86-64-v4``, tuned alike). Its batch-8 library ran in 1.01-1.15x ONNX Runtime's time, its batch-1
+library in 0.88-0.94x.
 
 So a tuned CPU build also compiles a second form of each batch size N > 1: the graph cut in two
 where a single tensor connects its halves, before the first layer whose weights outweigh the
