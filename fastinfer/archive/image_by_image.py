@@ -100,6 +100,8 @@ def module(graph: Any, batch: int, tensor: str) -> Any:
     outputs = [value.name for value in graph.graph.output]
     first = from_onnx(with_batch(extractor.extract_model(inputs, [tensor]), 1), keep_params_in_input=False)
     second = from_onnx(with_batch(extractor.extract_model([tensor], outputs), batch), keep_params_in_input=False)
+    if len(first["main"].params) != len(inputs):  # an input the first half never reads
+        raise ValueError("the first half does not take every input of the graph")
     builder = relax.BlockBuilder()
     before = _add_functions(builder, first, "before")
     after = _add_functions(builder, second, "after")
